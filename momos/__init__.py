@@ -1,0 +1,64 @@
+"""momos: Mosaic-of-Motifs compression for PyTorch models.
+
+    model = momos.prepare(model, momos.MoMosConfig(block_size=4, capacity=0.05))
+    ...train, calling momos.refresh(model) on your schedule...
+    packed = momos.convert(model)
+    print(momos.report(packed))
+
+Importing momos does not import torch: the torch-side API loads on first use (PEP 562), so
+`momos.runtime` works where only numpy and onnxruntime are installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from momos.config import MoMosConfig
+from momos.errors import (
+    MoMosConfigError,
+    MoMosError,
+    MoMosExportError,
+    MoMosFormatError,
+    MoMosSelectionError,
+    MoMosStateError,
+    MoMosValueError,
+)
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "prepare": "momos.api",
+    "refresh": "momos.api",
+    "convert": "momos.api",
+    "report": "momos.report",
+    "RefreshStats": "momos.parametrize",
+}
+_SUBMODULES = {"complexity", "export", "runtime"}
+
+__all__ = [
+    "MoMosConfig", "MoMosError", "MoMosConfigError", "MoMosSelectionError", "MoMosStateError",
+    "MoMosValueError", "MoMosFormatError", "MoMosExportError", *_LAZY, *sorted(_SUBMODULES),
+]
+
+if TYPE_CHECKING:
+    from momos import complexity, export, runtime
+    from momos.api import convert, prepare, refresh
+    from momos.parametrize import RefreshStats
+    from momos.report import report
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"momos.{name}")
+    else:
+        raise AttributeError(f"module 'momos' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

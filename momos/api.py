@@ -1,0 +1,184 @@
+"""The lifecycle: `prepare` a model, `refresh` it while training, `convert` it to packed modules."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from momos.blocks import num_blocks, reconstruct, to_blocks
+from momos.config import BANK_FIELDS, MoMosConfig, build_rules, resolve
+from momos.errors import MoMosConfigError, MoMosSelectionError, MoMosStateError
+from momos.packed import MotifTable, PackedTensor, attach, is_packed
+from momos.parametrize import (
+    Member,
+    MoMosParametrization,
+    MotifBank,
+    RefreshStats,
+    latent,
+    momos_of,
+    refresh_bank,
+)
+from momos import assign
+
+GLOBAL_BANK = "global"
+
+
+def prepare(model: nn.Module, config: MoMosConfig, *, include: Iterable[Any] | None = None,
+            exclude: Iterable[Any] | None = None, overrides: Mapping[Any, MoMosConfig | None] | None = None,
+            inplace: bool = False) -> nn.Module:
+    """Put a MoMos parametrization on the selected tensors of `model` and return it.
+
+    By default every trainable floating-point parameter is selected with `config`. `include` restricts
+    the selection to the tensors its selectors match; `exclude` removes tensors; `overrides` maps
+    selectors to a config of their own (or ``None`` to exclude). Selectors and their precedence are
+    described in `momos.config`. All tensors of scope ``"global"`` share one bank and so must agree on
+    the bank fields (block size, capacity, ...). Weights are not changed until the first `refresh`.
+    """
+    if not isinstance(config, MoMosConfig):
+        raise MoMosConfigError(f"config must be a MoMosConfig, got {type(config).__name__}")
+    if _members(model) or is_packed(model):
+        raise MoMosStateError("model is already prepared or converted by momos; prepare it only once")
+    if not inplace:
+        model = copy.deepcopy(model)
+
+    candidates, seen = [], set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and param.is_floating_point() and id(param) not in seen:
+                seen.add(id(param))  # a tied parameter is prepared once, under its first name
+                candidates.append((_join(module_name, name), module_name, module))
+    rules = build_rules(config, include, exclude, overrides)
+    chosen = resolve(candidates, None if include else config, rules)
+    if not chosen:
+        raise MoMosSelectionError("no tensor selected: the model has no trainable floating-point parameter "
+                                  "that the selectors admit")
+
+    owners = {full: (module, full.rsplit(".", 1)[-1]) for full, _, module in candidates}
+    global_names = [n for n, c in chosen.items() if c.scope == "global"]
+    _check_global_agreement(global_names, chosen)
+    banks: dict[str, MotifBank] = {}
+    if global_names:
+        total = sum(num_blocks(owners[n][0]._parameters[owners[n][1]].numel(), chosen[n].block_size)
+                    for n in global_names)
+        banks[GLOBAL_BANK] = MotifBank(GLOBAL_BANK, chosen[global_names[0]], total)
+    for name, cfg in chosen.items():
+        module, tensor_name = owners[name]
+        weight = module._parameters[tensor_name]
+        if cfg.scope == "global":
+            bank = banks[GLOBAL_BANK]
+        else:
+            bank = MotifBank(name, cfg, num_blocks(weight.numel(), cfg.block_size))
+        parametrize.register_parametrization(module, tensor_name, MoMosParametrization(bank, weight.shape))
+    return model
+
+
+def refresh(model: nn.Module) -> RefreshStats:
+    """One MoMos projection of every prepared tensor (a new bank and mosaic per bank); returns its stats."""
+    banks = _banks(model)
+    tensors, bank_stats = {}, {}
+    for bank, members in banks:
+        stats, per_tensor = refresh_bank(bank, members)
+        bank_stats[bank.name] = stats
+        tensors.update((t.name, t) for t in per_tensor)
+    return RefreshStats(tensors, bank_stats)
+
+
+def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Turn a prepared model into packed modules holding exactly the MoMos weights it computes.
+
+    Hard mode: a bank whose weights moved since its last refresh (or that was never refreshed) is
+    refreshed once more first; otherwise its current bank and mosaic are packed as they are. STE mode:
+    the mosaic packed is the assignment of the latent weights to the current bank, which is what the
+    forward uses (a bank never refreshed is refreshed first).
+    """
+    banks = _banks(model)
+    if not inplace:
+        model = copy.deepcopy(model)
+        banks = _banks(model)
+    converted = []
+    for bank, members in banks:
+        if _stale(bank, members):
+            refresh_bank(bank, members)
+        table = MotifTable(bank.name, bank.config, bank.motifs.detach().clone())
+        for name, module, tensor_name in members:
+            param = momos_of(module, tensor_name)
+            weight = latent(module, tensor_name)
+            mosaic = param.mosaic
+            if bank.config.mode == "ste":
+                mosaic = assign.nearest(to_blocks(weight, bank.block_size), bank.motifs.to(weight.dtype))
+            rmse = float((param.distortion / param.numel).sqrt())
+            converted.append((module, tensor_name, PackedTensor(table, mosaic, param.shape, weight.dtype, rmse)))
+    # Remove every parametrization before attaching: torch restores a module's class when its last
+    # parametrization goes, which must happen before the packed class is put on top.
+    for module, tensor_name, _ in converted:
+        parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
+    for module, tensor_name, packed in converted:
+        attach(module, tensor_name, packed)
+    return model
+
+
+def _stale(bank: MotifBank, members: list[Member]) -> bool:
+    if not bank.refreshed:
+        return True
+    if bank.config.mode == "ste":
+        return False
+    motifs = bank.motifs
+    for _, module, tensor_name in members:
+        weight = latent(module, tensor_name)
+        if not torch.equal(weight, reconstruct(motifs, momos_of(module, tensor_name).mosaic, weight.shape,
+                                               dtype=weight.dtype)):
+            return True
+    return False
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check_global_agreement(names: list[str], chosen: dict[str, MoMosConfig]) -> None:
+    if not names:
+        return
+    first = chosen[names[0]]
+    for name in names[1:]:
+        for f in BANK_FIELDS:
+            if getattr(chosen[name], f) != getattr(first, f):
+                raise MoMosConfigError(
+                    f"tensors sharing the global bank must share {f}: {names[0]!r} has {getattr(first, f)!r}, "
+                    f"{name!r} has {getattr(chosen[name], f)!r} (give one of them scope='tensor')"
+                )
+
+
+def _members(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """Every MoMos-parametrized tensor of `model` in module order: (full name, module, tensor name)."""
+    found = []
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name, plist in module.parametrizations.items():
+            if any(isinstance(p, MoMosParametrization) for p in plist):
+                found.append((_join(module_name, tensor_name), module, tensor_name))
+    return found
+
+
+def _banks(model: nn.Module) -> list[tuple[MotifBank, list[Member]]]:
+    """The banks of a prepared model with the tensors each serves, in module order."""
+    members = _members(model)
+    if not members:
+        state = "converted" if is_packed(model) else "not prepared"
+        raise MoMosStateError(f"model is {state}: call momos.prepare(model, config) first")
+    groups: dict[int, tuple[MotifBank, list[Member]]] = {}
+    for member in members:
+        bank = momos_of(member[1], member[2]).bank
+        groups.setdefault(id(bank), (bank, []))[1].append(member)
+    return list(groups.values())
+
+
+def prepared_tensors(model: nn.Module) -> Iterator[tuple[str, MoMosParametrization, torch.Tensor]]:
+    """``(name, parametrization, latent tensor)`` for every prepared tensor of `model`."""
+    for name, module, tensor_name in _members(model):
+        yield name, momos_of(module, tensor_name), latent(module, tensor_name)

@@ -1,0 +1,38 @@
+"""Tensor <-> blocks: cut a flattened tensor into rows of `block_size` values and put it back together.
+
+The last block is zero-padded; reconstruction drops the padding again, so padding never reaches a real
+entry. Blocks never cross tensor boundaries: each tensor is cut on its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def num_blocks(numel: int, block_size: int) -> int:
+    """m = ceil(n / s)."""
+    return math.ceil(numel / block_size)
+
+
+def to_blocks(tensor: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The ``(m, block_size)`` view of `tensor` flattened, zero-padded at the end (a copy only when padding)."""
+    flat = tensor.detach().reshape(-1)
+    pad = num_blocks(flat.numel(), block_size) * block_size - flat.numel()
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, block_size)
+
+
+def from_blocks(blocks: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `to_blocks`: drop the padding and reshape to `shape`."""
+    numel = math.prod(shape)
+    return blocks.reshape(-1)[:numel].view(shape)
+
+
+def reconstruct(motifs: torch.Tensor, mosaic: torch.Tensor, shape: torch.Size | tuple[int, ...],
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Ŵ: block i is ``motifs[mosaic[i]]``, reshaped to `shape` (and cast to `dtype` if given)."""
+    table = motifs if dtype is None else motifs.to(dtype)
+    return from_blocks(table[mosaic.long()], shape)

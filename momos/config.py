@@ -1,0 +1,213 @@
+"""What MoMos does to a tensor (`MoMosConfig`) and which tensors it does it to (selectors).
+
+Both halves are plain data: `MoMosConfig` is a frozen dataclass validated on construction, and
+`resolve` maps a model's parameters to configs with a written precedence:
+
+    exact name  >  regex  >  module type  >  default
+
+An exact name is a parameter's fully-qualified name (``"encoder.0.weight"``) or a module's
+(``"encoder.0"``, which selects the parameters that module owns directly). A regex is a compiled
+``re.Pattern`` or a string starting with ``"re:"``; it must match a parameter's full name
+(``re.fullmatch``). A module type is an ``nn.Module`` subclass and selects the parameters owned by
+modules that are instances of it. Within one level an exclusion beats an override, which beats an
+inclusion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from momos.errors import MoMosConfigError, MoMosSelectionError
+
+SCOPES = ("global", "tensor")
+MODES = ("hard", "ste")
+MOTIF_INITS = ("random", "kmeans")
+MOTIF_DTYPES = {"float32": 32, "float16": 16, "bfloat16": 16}
+
+# Fields that every tensor sharing one global bank must agree on.
+BANK_FIELDS = ("block_size", "capacity", "num_motifs", "force_zero", "motif_init", "kmeans_iters",
+               "mode", "motif_dtype", "seed")
+
+
+@dataclass(frozen=True)
+class MoMosConfig:
+    """How to turn tensors into a mosaic of motifs.
+
+    Give exactly one of `capacity` (c: the bank holds ``max(1, min(floor(c * m), m))`` motifs for the m
+    blocks it serves) or `num_motifs` (k, capped at m). `scope="global"` shares one bank among all
+    targeted tensors (the reference default); `"tensor"` gives each tensor its own. `mode="hard"` writes
+    the projection into the weights at each refresh and trains densely in between (the paper);
+    `mode="ste"` makes every forward see the MoMos weight of the latent weights under the current bank,
+    with a straight-through gradient.
+    """
+
+    block_size: int = 4
+    capacity: float | None = None
+    num_motifs: int | None = None
+    force_zero: bool = True
+    scope: str = "global"
+    motif_init: str = "random"
+    kmeans_iters: int = 10
+    mode: str = "hard"
+    motif_dtype: str = "float32"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        dtype = self.motif_dtype
+        if not isinstance(dtype, str):  # accept torch.float16 & co. without importing torch here
+            dtype = str(dtype).removeprefix("torch.")
+            object.__setattr__(self, "motif_dtype", dtype)
+        _check_int("block_size", self.block_size, minimum=1)
+        if (self.capacity is None) == (self.num_motifs is None):
+            raise MoMosConfigError(
+                "give exactly one of capacity or num_motifs "
+                f"(got capacity={self.capacity!r}, num_motifs={self.num_motifs!r})"
+            )
+        if self.capacity is not None:
+            c = self.capacity
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or not 0 < c <= 1:
+                raise MoMosConfigError(f"capacity must be a number in (0, 1], got {c!r}")
+        if self.num_motifs is not None:
+            _check_int("num_motifs", self.num_motifs, minimum=1)
+        _check_choice("scope", self.scope, SCOPES)
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("motif_init", self.motif_init, MOTIF_INITS)
+        _check_choice("motif_dtype", dtype, tuple(MOTIF_DTYPES))
+        _check_int("kmeans_iters", self.kmeans_iters, minimum=0)
+        _check_int("seed", self.seed, minimum=0)
+        if not isinstance(self.force_zero, bool):
+            raise MoMosConfigError(f"force_zero must be a bool, got {self.force_zero!r}")
+
+    @classmethod
+    def paper(cls, **changes: Any) -> MoMosConfig:
+        """The paper's algorithm: s=2, c=5%, forced zero motif, random bank, one global bank, hard projection."""
+        fields = dict(block_size=2, capacity=0.05, force_zero=True, scope="global", motif_init="random",
+                      mode="hard", motif_dtype="float32")
+        fields.update(changes)
+        return cls(**fields)
+
+    @property
+    def motif_bits(self) -> int:
+        """Bits of one stored motif value (q in the bounds)."""
+        return MOTIF_DTYPES[self.motif_dtype]
+
+    def num_motifs_for(self, num_blocks: int) -> int:
+        """k for a bank serving `num_blocks` blocks: ``max(1, min(floor(c*m), m))``, or `num_motifs` capped at m."""
+        if self.num_motifs is not None:
+            return max(1, min(self.num_motifs, num_blocks))
+        # The tiny epsilon keeps floor(0.05 * 200) == 10 despite binary rounding of c.
+        return max(1, min(math.floor(self.capacity * num_blocks + 1e-9), num_blocks))
+
+    def replace(self, **changes: Any) -> MoMosConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MoMosConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise MoMosConfigError(f"unknown config field(s) {sorted(unknown)}")
+        return cls(**data)
+
+
+def _check_int(field: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise MoMosConfigError(f"{field} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise MoMosConfigError(f"{field} must be one of {list(choices)}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection: which parameters get which config.
+
+# Precedence levels, most specific first.
+_LEVELS = ("name", "regex", "type")
+# Within a level: exclusion beats override beats inclusion.
+_KINDS = ("exclude", "override", "include")
+
+
+@dataclass(frozen=True)
+class _Rule:
+    level: str
+    kind: str
+    selector: Any
+    config: MoMosConfig | None
+
+    def describe(self) -> str:
+        s = self.selector
+        if self.level == "type":
+            return f"type {s.__name__}"
+        if self.level == "regex":
+            return f"regex {s.pattern!r}"
+        return f"name {s!r}"
+
+
+def _make_rule(selector: Any, kind: str, config: MoMosConfig | None) -> _Rule:
+    if isinstance(selector, re.Pattern):
+        return _Rule("regex", kind, selector, config)
+    if isinstance(selector, str):
+        if selector.startswith("re:"):
+            try:
+                return _Rule("regex", kind, re.compile(selector[3:]), config)
+            except re.error as e:
+                raise MoMosSelectionError(f"selector {selector!r} is not a valid regex: {e}") from None
+        return _Rule("name", kind, selector, config)
+    if isinstance(selector, type):
+        return _Rule("type", kind, selector, config)
+    raise MoMosSelectionError(
+        f"selector {selector!r} must be a name (str), a regex (re.Pattern or 're:...'), or a module type"
+    )
+
+
+def build_rules(config: MoMosConfig, include: Iterable[Any] | None, exclude: Iterable[Any] | None,
+                overrides: Mapping[Any, MoMosConfig | None] | None) -> list[_Rule]:
+    """Turn prepare()'s selector arguments into rules; `config` is what an inclusion selects with."""
+    rules = [_make_rule(s, "include", config) for s in (include or ())]
+    rules += [_make_rule(s, "exclude", None) for s in (exclude or ())]
+    for selector, cfg in (overrides or {}).items():
+        if cfg is not None and not isinstance(cfg, MoMosConfig):
+            raise MoMosSelectionError(f"override for {selector!r} must be a MoMosConfig or None, got {cfg!r}")
+        rules.append(_make_rule(selector, "override" if cfg is not None else "exclude", cfg))
+    return rules
+
+
+def _matches(rule: _Rule, param_name: str, module_name: str, module: Any) -> bool:
+    if rule.level == "name":
+        return rule.selector in (param_name, module_name)
+    if rule.level == "regex":
+        return rule.selector.fullmatch(param_name) is not None
+    return isinstance(module, rule.selector)
+
+
+def resolve(candidates: Iterable[tuple[str, str, Any]], default: MoMosConfig | None,
+            rules: list[_Rule]) -> dict[str, MoMosConfig]:
+    """Map each candidate ``(param_name, module_name, module)`` to its config by the written precedence.
+
+    `default` applies where no rule matches (``None``: not selected). Every rule must match at least one
+    candidate: a selector the user named that matches nothing is an error, not a silent no-op.
+    """
+    rank = {(lvl, kind): (i, j) for i, lvl in enumerate(_LEVELS) for j, kind in enumerate(_KINDS)}
+    used: set[int] = set()
+    chosen: dict[str, MoMosConfig] = {}
+    for param_name, module_name, module in candidates:
+        hits = [(rank[(r.level, r.kind)], i, r) for i, r in enumerate(rules)
+                if _matches(r, param_name, module_name, module)]
+        used.update(i for _, i, _ in hits)
+        config = min(hits, key=lambda h: h[:2])[2].config if hits else default
+        if config is not None:
+            chosen[param_name] = config
+    unmatched = [r.describe() for i, r in enumerate(rules) if i not in used]
+    if unmatched:
+        raise MoMosSelectionError(f"selector(s) matched no trainable floating-point parameter: {unmatched}")
+    return chosen

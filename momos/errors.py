@@ -1,0 +1,31 @@
+"""One exception family for everything momos refuses: catch `MoMosError` to catch them all."""
+
+from __future__ import annotations
+
+
+class MoMosError(Exception):
+    """Base class of every error momos raises on purpose."""
+
+
+class MoMosConfigError(MoMosError, ValueError):
+    """A configuration field has a value momos cannot use; the message names the field and the value."""
+
+
+class MoMosSelectionError(MoMosError, ValueError):
+    """Tensor selection went wrong: nothing selected, or a selector the user named matched nothing."""
+
+
+class MoMosStateError(MoMosError, RuntimeError):
+    """The model is in the wrong lifecycle stage for the call (prepare twice, convert unprepared, ...)."""
+
+
+class MoMosValueError(MoMosError, ValueError):
+    """A tensor holds values momos cannot project (NaN or Inf); the message names the tensor."""
+
+
+class MoMosFormatError(MoMosError, ValueError):
+    """A .momos or .onnx file is malformed or does not fit the target model; names the tensor and field."""
+
+
+class MoMosExportError(MoMosError, RuntimeError):
+    """A model cannot be exported as asked (not converted, wrong input signature, runtime too old)."""

@@ -1,0 +1,134 @@
+"""The converted form: a motif table per bank plus a compact unsigned mosaic per tensor.
+
+`PackedTensor` decodes to the dense tensor on access (``motifs[mosaic]``, padding dropped). `attach`
+puts one in place of a module's parameter, for any module type: like torch's parametrize, the module's
+class is swapped for a per-instance subclass whose property for that name returns the decoded tensor,
+so the module's own forward runs unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from momos.blocks import num_blocks, reconstruct
+from momos.config import MoMosConfig
+from momos.errors import MoMosStateError
+
+PACKED_ATTR = "momos_packed"
+
+_UINT_DTYPES = ((8, torch.uint8), (16, torch.uint16), (32, torch.uint32))
+
+
+def mosaic_dtype(num_motifs: int) -> torch.dtype:
+    """The smallest unsigned dtype that holds every index below `num_motifs`."""
+    for bits, dtype in _UINT_DTYPES:
+        if num_motifs - 1 < 2**bits:
+            return dtype
+    raise MoMosStateError(f"num_motifs={num_motifs} needs more than 32-bit indices")
+
+
+def index_bits(num_motifs: int) -> int:
+    """ceil(log2 k): the bits one mosaic index needs (0 for a single motif)."""
+    return math.ceil(math.log2(num_motifs)) if num_motifs > 1 else 0
+
+
+class MotifTable(nn.Module):
+    """The ``(k, s)`` motifs of one bank, shared by reference by every `PackedTensor` it serves."""
+
+    def __init__(self, name: str, config: MoMosConfig, motifs: torch.Tensor) -> None:
+        super().__init__()
+        self.name = name
+        self.config = config
+        self.register_buffer("motifs", motifs)
+
+    @property
+    def num_motifs(self) -> int:
+        return self.motifs.shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.motifs.shape[1]
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, num_motifs={self.num_motifs}, block_size={self.block_size}, " \
+               f"motif_dtype={self.config.motif_dtype}"
+
+
+class PackedTensor(nn.Module):
+    """One MoMos tensor: a mosaic (smallest unsigned dtype holding k-1) over a shared `MotifTable`."""
+
+    def __init__(self, table: MotifTable, mosaic: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype,
+                 rmse: float = math.nan) -> None:
+        super().__init__()
+        self.table = table
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.rmse = rmse
+        expected = num_blocks(math.prod(self.shape), table.block_size)
+        if mosaic.shape != (expected,):
+            raise MoMosStateError(f"mosaic has shape {tuple(mosaic.shape)}, expected ({expected},) for {self.shape}")
+        self.register_buffer("mosaic", mosaic.to(mosaic_dtype(table.num_motifs)))
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.mosaic.shape[0]
+
+    def forward(self) -> torch.Tensor:
+        return reconstruct(self.table.motifs, self.mosaic, self.shape, dtype=self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, dtype={self.dtype}, mosaic_dtype={self.mosaic.dtype}"
+
+
+def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
+    replica = self.__new__(self.__class__)
+    memo[id(self)] = replica
+    replica.__dict__ = copy.deepcopy(self.__dict__, memo)
+    return replica
+
+
+def _refuse_pickle(self: nn.Module) -> None:
+    raise MoMosStateError("a model with packed MoMos tensors cannot be pickled: use momos.save / momos.load "
+                          "or its state_dict()")
+
+
+def _packed_property(name: str) -> property:
+    def get(self: nn.Module) -> torch.Tensor:
+        return getattr(self, PACKED_ATTR)[name]()
+
+    return property(get, doc=f"{name}, decoded from its MoMos packed form")
+
+
+def attach(module: nn.Module, name: str, packed: PackedTensor) -> None:
+    """Replace parameter `name` of `module` (which must not be parametrized) by `packed`."""
+    if name in module._parameters:
+        del module._parameters[name]
+    if not getattr(module.__class__, "__momos_packed_class__", False):
+        cls = module.__class__
+        module.__class__ = type(f"Packed{cls.__name__}", (cls,), {
+            "__momos_packed_class__": True, "__deepcopy__": _deepcopy, "__getstate__": _refuse_pickle,
+        })
+        module.add_module(PACKED_ATTR, nn.ModuleDict())
+    getattr(module, PACKED_ATTR)[name] = packed
+    setattr(module.__class__, name, _packed_property(name))
+
+
+def packed_tensors(model: nn.Module) -> Iterator[tuple[str, PackedTensor]]:
+    """``(fully-qualified tensor name, PackedTensor)`` for every packed tensor of `model`, in module order."""
+    for module_name, module in model.named_modules():
+        if getattr(module.__class__, "__momos_packed_class__", False):
+            for name, packed in getattr(module, PACKED_ATTR).items():
+                yield (f"{module_name}.{name}" if module_name else name), packed
+
+
+def is_packed(model: nn.Module) -> bool:
+    return any(True for _ in packed_tensors(model))

@@ -1,0 +1,226 @@
+"""The training-time form of MoMos: a motif bank module and a torch parametrization per targeted tensor.
+
+A `MotifBank` owns the motif table of one bank (shared by every tensor of a global bank, one per tensor
+in tensor scope). A `MoMosParametrization` sits on a tensor through `torch.nn.utils.parametrize` and
+keeps that tensor's mosaic. `refresh_bank` is the projection: draw a bank from the current blocks,
+assign every block, and (hard mode) write the reconstruction back into the weights.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from momos import assign
+from momos.bank import kmeans_motifs, sample_motifs
+from momos.blocks import num_blocks, reconstruct, to_blocks
+from momos.config import MoMosConfig
+from momos.errors import MoMosValueError
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class MotifBank(nn.Module):
+    """The ``(k, s)`` motif table of one bank, in the config's motif dtype, and its refresh counter."""
+
+    def __init__(self, name: str, config: MoMosConfig, num_blocks: int) -> None:
+        super().__init__()
+        self.name = name
+        self.config = config
+        self.num_blocks = num_blocks
+        k = config.num_motifs_for(num_blocks)
+        self.register_buffer("motifs", torch.zeros(k, config.block_size, dtype=TORCH_DTYPES[config.motif_dtype]))
+        self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def num_motifs(self) -> int:
+        return self.motifs.shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return self.motifs.shape[1]
+
+    @property
+    def refreshed(self) -> bool:
+        return bool(self.refreshes.item() > 0)
+
+    def generator(self) -> torch.Generator:
+        """The random stream of the next refresh: a function of (seed, bank name, refresh count) only,
+        so every process holding the same weights draws the same bank."""
+        seed = (self.config.seed * 1_000_003 + zlib.crc32(self.name.encode())) * 1_000_033 + int(self.refreshes)
+        return torch.Generator().manual_seed(seed % (2**63))
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, num_motifs={self.num_motifs}, block_size={self.block_size}, " \
+               f"num_blocks={self.num_blocks}, motif_dtype={self.config.motif_dtype}"
+
+
+class MoMosParametrization(nn.Module):
+    """Parametrization of one tensor: its mosaic over `bank`, and the distortion of its last projection.
+
+    Hard mode: the forward is the identity (refresh writes MoMos weights into the tensor; training in
+    between is dense). STE mode: the forward assigns the latent weights to the current bank and returns
+    that MoMos weight, with the gradient passed straight through to the latent weights. Before the
+    first refresh there is no bank yet and both modes are the identity.
+    """
+
+    def __init__(self, bank: MotifBank, shape: torch.Size) -> None:
+        super().__init__()
+        self.bank = bank
+        self.shape = tuple(shape)
+        self.numel = math.prod(self.shape)
+        self.register_buffer("mosaic", torch.zeros(num_blocks(self.numel, bank.block_size), dtype=torch.int64))
+        self.register_buffer("distortion", torch.full((), math.nan, dtype=torch.float64))
+
+    @property
+    def num_blocks(self) -> int:
+        return self.mosaic.shape[0]
+
+    def momos_weight(self, latent: torch.Tensor) -> torch.Tensor:
+        """The MoMos weight of `latent` under the current bank (latent blocks assigned afresh)."""
+        motifs = self.bank.motifs.to(latent.dtype)
+        mosaic = assign.nearest(to_blocks(latent, self.bank.block_size), motifs)
+        return reconstruct(motifs, mosaic, self.shape)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        if self.bank.config.mode == "hard" or not self.bank.refreshed:
+            return latent
+        momos = self.momos_weight(latent)
+        return latent + (momos - latent).detach()
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, num_blocks={self.num_blocks}"
+
+
+@dataclass
+class TensorStats:
+    """What one refresh did to one tensor."""
+
+    name: str
+    bank: str
+    numel: int
+    num_blocks: int
+    num_motifs: int
+    distortion: float
+    weights_changed: int
+    usage: torch.Tensor  # (k,) how many of this tensor's blocks use each motif
+
+    @property
+    def rmse(self) -> float:
+        return math.sqrt(self.distortion / self.numel)
+
+
+@dataclass
+class BankStats:
+    """What one refresh did to one bank: its k, m, distortion and motif usage over all its tensors."""
+
+    name: str
+    num_motifs: int
+    num_blocks: int
+    distortion: float
+    weights_changed: int
+    usage: torch.Tensor
+    tensors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RefreshStats:
+    """Per-tensor and per-bank results of one `momos.refresh`, with totals."""
+
+    tensors: dict[str, TensorStats]
+    banks: dict[str, BankStats]
+
+    @property
+    def distortion(self) -> float:
+        return sum(t.distortion for t in self.tensors.values())
+
+    @property
+    def weights_changed(self) -> int:
+        return sum(t.weights_changed for t in self.tensors.values())
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(t.num_blocks for t in self.tensors.values())
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def rmse(self) -> float:
+        return math.sqrt(self.distortion / max(self.numel, 1))
+
+    def __str__(self) -> str:
+        return (f"refresh: {len(self.tensors)} tensors in {len(self.banks)} bank(s), "
+                f"{self.num_blocks} blocks, distortion {self.distortion:.6g}, "
+                f"{self.weights_changed} weights changed, rmse {self.rmse:.4g}")
+
+
+# A member of a bank: its fully-qualified tensor name, the parametrized module, and the tensor's name there.
+Member = tuple[str, nn.Module, str]
+
+
+def latent(module: nn.Module, tensor_name: str) -> torch.Tensor:
+    """The latent (dense, trained) tensor behind a MoMos parametrization."""
+    return module.parametrizations[tensor_name].original
+
+
+def momos_of(module: nn.Module, tensor_name: str) -> MoMosParametrization:
+    return module.parametrizations[tensor_name][0]
+
+
+def refresh_bank(bank: MotifBank, members: list[Member]) -> tuple[BankStats, list[TensorStats]]:
+    """One MoMos projection of every tensor served by `bank`; deterministic for a given seed.
+
+    Draws a new bank from the current blocks, assigns each block to its nearest motif and, in hard
+    mode, writes the reconstruction into the weights. In STE mode the latent weights are left alone.
+    """
+    config = bank.config
+    s = bank.block_size
+    with torch.no_grad():
+        parts = []
+        for name, module, tensor_name in members:
+            weight = latent(module, tensor_name)
+            if not torch.isfinite(weight).all():
+                raise MoMosValueError(f"tensor {name!r} holds NaN or Inf values; cannot refresh it")
+            parts.append(to_blocks(weight, s))
+        blocks = parts[0] if len(parts) == 1 else torch.cat(parts)
+        del parts
+        motifs = sample_motifs(blocks, bank.num_motifs, force_zero=config.force_zero, generator=bank.generator())
+        if config.motif_init == "kmeans":
+            motifs = kmeans_motifs(blocks, motifs, iterations=config.kmeans_iters, force_zero=config.force_zero)
+        # Round through the stored dtype so the weights written are exactly what the packed form decodes.
+        stored = motifs.to(bank.motifs.dtype)
+        motifs = stored.to(blocks.dtype)
+        mosaic = assign.nearest(blocks, motifs)
+        del blocks
+
+        tensor_stats, start = [], 0
+        usage = torch.zeros(bank.num_motifs, dtype=torch.int64)
+        for name, module, tensor_name in members:
+            param = momos_of(module, tensor_name)
+            weight = latent(module, tensor_name)
+            own = mosaic[start:start + param.num_blocks]
+            start += param.num_blocks
+            new = reconstruct(motifs, own, param.shape, dtype=weight.dtype)
+            diff = (weight - new).to(torch.float64)
+            distortion = float((diff * diff).sum())
+            changed = int((weight != new).sum())
+            del diff
+            if config.mode == "hard":
+                weight.copy_(new)
+            param.mosaic.copy_(own)
+            param.distortion.fill_(distortion)
+            counts = torch.bincount(own, minlength=bank.num_motifs)
+            usage += counts
+            tensor_stats.append(TensorStats(name, bank.name, param.numel, param.num_blocks, bank.num_motifs,
+                                            distortion, changed, counts))
+        bank.motifs.copy_(stored)
+        bank.refreshes += 1
+    bank_stats = BankStats(bank.name, bank.num_motifs, bank.num_blocks, sum(t.distortion for t in tensor_stats),
+                           sum(t.weights_changed for t in tensor_stats), usage, [t.name for t in tensor_stats])
+    return bank_stats, tensor_stats

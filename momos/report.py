@@ -1,0 +1,118 @@
+"""`report(model)`: what MoMos costs and loses, per tensor and in total, for prepared or packed models."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from momos.errors import MoMosStateError
+from momos.packed import index_bits, packed_tensors
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    """One row: `bits_per_weight` counts the tensor's share of its bank's motif table plus its mosaic."""
+
+    name: str
+    bank: str
+    shape: tuple[int, ...]
+    numel: int
+    num_blocks: int
+    num_motifs: int
+    block_size: int
+    motif_bits: int
+    table_bits: float  # this tensor's share of its bank's table: k*s*q * (its blocks / the bank's blocks)
+    mosaic_bits: int  # m * ceil(log2 k)
+    rmse: float
+
+    @property
+    def bits_per_weight(self) -> float:
+        return (self.table_bits + self.mosaic_bits) / self.numel
+
+    @property
+    def ratio_to_float32(self) -> float:
+        return self.bits_per_weight / 32
+
+
+@dataclass(frozen=True)
+class Report:
+    """Per-tensor rows and the totals over them; ``str(report)`` is a table."""
+
+    tensors: list[TensorReport]
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel for t in self.tensors)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(t.num_blocks for t in self.tensors)
+
+    @property
+    def bits(self) -> float:
+        return sum(t.table_bits + t.mosaic_bits for t in self.tensors)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.bits / self.numel
+
+    @property
+    def ratio_to_float32(self) -> float:
+        return self.bits_per_weight / 32
+
+    @property
+    def rmse(self) -> float:
+        return math.sqrt(sum(t.rmse**2 * t.numel for t in self.tensors) / self.numel)
+
+    def to_dict(self) -> dict:
+        rows = [asdict(t) | {"bits_per_weight": t.bits_per_weight, "ratio_to_float32": t.ratio_to_float32}
+                for t in self.tensors]
+        return {"tensors": rows, "total": {"numel": self.numel, "num_blocks": self.num_blocks, "bits": self.bits,
+                                           "bits_per_weight": self.bits_per_weight,
+                                           "ratio_to_float32": self.ratio_to_float32, "rmse": self.rmse}}
+
+    def __str__(self) -> str:
+        head = ("tensor", "shape", "n", "m", "k", "bits/weight", "vs float32", "rmse")
+        rows = [(t.name, "x".join(map(str, t.shape)), str(t.numel), str(t.num_blocks), str(t.num_motifs),
+                 f"{t.bits_per_weight:.3f}", f"{t.ratio_to_float32:.2%}", f"{t.rmse:.4g}") for t in self.tensors]
+        banks = {t.bank: t.num_motifs for t in self.tensors}
+        rows.append(("total", "", str(self.numel), str(self.num_blocks), str(sum(banks.values())),
+                     f"{self.bits_per_weight:.3f}", f"{self.ratio_to_float32:.2%}", f"{self.rmse:.4g}"))
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        line = "  ".join("-" * w for w in widths)
+        fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+        return "\n".join([fmt(head), line, *map(fmt, rows[:-1]), line, fmt(rows[-1])])
+
+
+def report(model: nn.Module) -> Report:
+    """The per-tensor cost and error of a prepared or converted model (see `TensorReport`)."""
+    from momos.api import prepared_tensors  # api imports this module's siblings; keep the cycle lazy
+
+    rows: list[tuple] = []  # name, bank key, bank name, shape, n, m, k, s, q, rmse
+    packed = list(packed_tensors(model))
+    if packed:
+        for name, p in packed:
+            t = p.table
+            rows.append((name, id(t), t.name, p.shape, p.numel, p.num_blocks, t.num_motifs, t.block_size,
+                         t.config.motif_bits, p.rmse))
+    else:
+        try:
+            prepared = list(prepared_tensors(model))
+        except MoMosStateError:
+            prepared = []
+        for name, p, _ in prepared:
+            b = p.bank
+            rmse = math.sqrt(float(p.distortion) / p.numel)
+            rows.append((name, id(b), b.name, p.shape, p.numel, p.num_blocks, b.num_motifs, b.block_size,
+                         b.config.motif_bits, rmse))
+    if not rows:
+        raise MoMosStateError("model has no MoMos tensor: call momos.prepare (and convert) first")
+    bank_blocks: dict[int, int] = {}
+    for r in rows:
+        bank_blocks[r[1]] = bank_blocks.get(r[1], 0) + r[5]
+    tensors = [TensorReport(name, bank, shape, n, m, k, s, q, k * s * q * m / bank_blocks[key],
+                            m * index_bits(k), rmse)
+               for name, key, bank, shape, n, m, k, s, q, rmse in rows]
+    return Report(tensors)
