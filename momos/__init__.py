@@ -33,6 +33,7 @@ _LAZY = {
     "refresh": "momos.api",
     "convert": "momos.api",
     "report": "momos.report",
+    "refresh_every": "momos.schedule",
     "RefreshStats": "momos.parametrize",
 }
 _SUBMODULES = {"complexity", "export", "runtime"}
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from momos.api import convert, prepare, refresh
     from momos.parametrize import RefreshStats
     from momos.report import report
+    from momos.schedule import refresh_every
 
 
 def __getattr__(name: str) -> Any:
