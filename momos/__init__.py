@@ -33,6 +33,9 @@ _LAZY = {
     "refresh": "momos.api",
     "convert": "momos.api",
     "report": "momos.report",
+    "save": "momos.format",
+    "load": "momos.format",
+    "inspect": "momos.format",
     "refresh_every": "momos.schedule",
     "RefreshStats": "momos.parametrize",
 }
@@ -46,6 +49,7 @@ __all__ = [
 if TYPE_CHECKING:
     from momos import complexity, export, runtime
     from momos.api import convert, prepare, refresh
+    from momos.format import inspect, load, save
     from momos.parametrize import RefreshStats
     from momos.report import report
     from momos.schedule import refresh_every
