@@ -10,10 +10,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from momos import assign
 from momos.blocks import num_blocks, reconstruct, to_blocks
 from momos.config import BANK_FIELDS, MoMosConfig, build_rules, resolve
 from momos.errors import MoMosConfigError, MoMosSelectionError, MoMosStateError
-from momos.packed import MotifTable, PackedTensor, attach, is_packed
+from momos.packed import MotifTable, PackedTensor, attach, is_packed, own_class
 from momos.parametrize import (
     Member,
     MoMosParametrization,
@@ -23,7 +24,6 @@ from momos.parametrize import (
     momos_of,
     refresh_bank,
 )
-from momos import assign
 
 GLOBAL_BANK = "global"
 
@@ -99,13 +99,16 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     banks = _banks(model)
     if not inplace:
         model = copy.deepcopy(model)
+        for module in model.modules():
+            if parametrize.is_parametrized(module):
+                own_class(module)  # removing the copy's parametrizations must not touch the original
         banks = _banks(model)
     converted = []
     for bank, members in banks:
         if _stale(bank, members):
             refresh_bank(bank, members)
         table = MotifTable(bank.name, bank.config, bank.motifs.detach().clone())
-        for name, module, tensor_name in members:
+        for _, module, tensor_name in members:
             param = momos_of(module, tensor_name)
             weight = latent(module, tensor_name)
             mosaic = param.mosaic

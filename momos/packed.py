@@ -89,10 +89,22 @@ class PackedTensor(nn.Module):
         return f"shape={self.shape}, dtype={self.dtype}, mosaic_dtype={self.mosaic.dtype}"
 
 
+def own_class(module: nn.Module) -> None:
+    """Give `module` a private copy of its per-instance class.
+
+    Per-instance classes (torch's parametrize, `attach`) are shared by reference after a deepcopy, so
+    editing the copy's class (adding or removing a property) would also change the original.
+    """
+    cls = module.__class__
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
 def _deepcopy(self: nn.Module, memo: dict) -> nn.Module:
     replica = self.__new__(self.__class__)
     memo[id(self)] = replica
     replica.__dict__ = copy.deepcopy(self.__dict__, memo)
+    own_class(replica)
     return replica
 
 

@@ -89,8 +89,8 @@ class MoMosParametrization(nn.Module):
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         if self.bank.config.mode == "hard" or not self.bank.refreshed:
             return latent
-        momos = self.momos_weight(latent)
-        return latent + (momos - latent).detach()
+        # Exactly the MoMos weight in value (latent - latent.detach() is exactly zero), identity in gradient.
+        return self.momos_weight(latent) + (latent - latent.detach())
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, num_blocks={self.num_blocks}"

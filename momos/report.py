@@ -82,7 +82,10 @@ class Report:
                      f"{self.bits_per_weight:.3f}", f"{self.ratio_to_float32:.2%}", f"{self.rmse:.4g}"))
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         line = "  ".join("-" * w for w in widths)
-        fmt = lambda r: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+        def fmt(row: tuple[str, ...]) -> str:  # names and shapes left-aligned, figures right-aligned
+            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+
         return "\n".join([fmt(head), line, *map(fmt, rows[:-1]), line, fmt(rows[-1])])
 
 

@@ -8,6 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+# The tests run small tensors: one intra-op thread is as fast as two there, and it keeps OpenMP from
+# spin-waiting (100x slowdowns seen) when the machine is busy with other work.
+torch.set_num_threads(1)
+
 
 class SmallCNN(nn.Module):
     """Conv + BatchNorm + pooling + Linear: exercises 4-D weights, norm parameters and running stats."""

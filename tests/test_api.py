@@ -1,0 +1,288 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import momos
+from momos import MoMosConfig, MoMosConfigError, MoMosSelectionError, MoMosStateError, MoMosValueError
+from momos.api import prepared_tensors
+from momos.blocks import num_blocks, to_blocks
+
+
+def _mlp(sizes=(13, 9, 5)):
+    layers = []
+    for a, b in zip(sizes, sizes[1:], strict=False):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def _banks(model):
+    return {id(p.bank): p.bank for _, p, _ in prepared_tensors(model)}
+
+
+@settings(max_examples=25, deadline=None)
+@given(s=st.integers(1, 6), c=st.floats(0.01, 1.0), zero=st.booleans(), scope=st.sampled_from(["global", "tensor"]),
+       seed=st.integers(0, 50))
+def test_refreshed_tensors_are_mosaics_of_their_bank(s, c, zero, scope, seed):
+    torch.manual_seed(seed)
+    model = momos.prepare(_mlp(), MoMosConfig(block_size=s, capacity=c, force_zero=zero, scope=scope, seed=seed))
+    stats = momos.refresh(model)
+    for name, param, weight in prepared_tensors(model):
+        motifs = param.bank.motifs
+        k, m = motifs.shape[0], param.bank.num_blocks
+        assert k == max(1, min(math.floor(c * m + 1e-9), m)) == stats.tensors[name].num_motifs
+        if zero:
+            assert torch.equal(motifs[0], torch.zeros(s))
+        blocks = to_blocks(weight, s)
+        real = weight.numel()
+        # every real entry equals its block's motif at its offset (padding never leaks in)
+        expected = motifs[param.mosaic].reshape(-1)[:real]
+        assert torch.equal(weight.reshape(-1), expected)
+        # every full block is one of the motifs; the number of distinct blocks is at most k
+        full = blocks[: real // s]
+        assert all(bool((motifs == b).all(1).any()) for b in full)
+        assert len({tuple(b.tolist()) for b in blocks}) <= k + 1  # +1: the padded last block
+        assert int(stats.tensors[name].usage.sum()) == param.num_blocks
+
+
+def test_global_scope_shares_one_bank_and_tensor_scope_does_not():
+    g = momos.prepare(_mlp(), MoMosConfig(capacity=0.2))
+    t = momos.prepare(_mlp(), MoMosConfig(capacity=0.2, scope="tensor"))
+    assert len(_banks(g)) == 1 and len(_banks(t)) == 4
+    (bank,) = _banks(g).values()
+    assert bank.num_blocks == sum(p.num_blocks for _, p, _ in prepared_tensors(g))
+    stats = momos.refresh(g)
+    assert list(stats.banks) == ["global"]
+    assert stats.banks["global"].usage.sum() == bank.num_blocks
+    assert set(momos.refresh(t).banks) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def test_refresh_stats_distortion_and_changes_are_measured_on_real_entries():
+    torch.manual_seed(0)
+    model = momos.prepare(_mlp(), MoMosConfig(block_size=4, capacity=0.3))
+    before = {n: w.detach().clone() for n, _, w in prepared_tensors(model)}
+    stats = momos.refresh(model)
+    for name, _, weight in prepared_tensors(model):
+        t = stats.tensors[name]
+        assert t.distortion == pytest.approx(float(((before[name] - weight.detach()) ** 2).sum()), rel=1e-6)
+        assert t.weights_changed == int((before[name] != weight).sum())
+    assert stats.distortion == pytest.approx(sum(t.distortion for t in stats.tensors.values()))
+    # a second refresh of already-projected weights can only draw motifs among the motifs
+    again = momos.refresh(model)
+    assert again.distortion <= stats.distortion * 10
+
+
+def test_refresh_is_deterministic_for_a_seed():
+    def run(seed):
+        torch.manual_seed(0)
+        model = momos.prepare(_mlp(), MoMosConfig(capacity=0.2, seed=seed))
+        momos.refresh(model)
+        momos.refresh(model)
+        return [w.detach().clone() for _, _, w in prepared_tensors(model)]
+
+    a, b, c = run(1), run(1), run(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_kmeans_init_lowers_distortion_against_random():
+    torch.manual_seed(0)
+    base = _mlp((64, 64, 32))
+    rand = momos.refresh(momos.prepare(base, MoMosConfig(capacity=0.05))).distortion
+    km = momos.refresh(momos.prepare(base, MoMosConfig(capacity=0.05, motif_init="kmeans"))).distortion
+    assert km < rand
+
+
+def test_hard_mode_trains_dense_between_refreshes():
+    torch.manual_seed(0)
+    model = momos.prepare(_mlp(), MoMosConfig(capacity=0.2))
+    momos.refresh(model)
+    weight = model[0].weight
+    param = model[0].parametrizations.weight.original
+    assert torch.equal(weight, param)  # the forward weight is the stored one
+    model(torch.randn(3, 13)).sum().backward()
+    with torch.no_grad():
+        param -= 0.1 * param.grad
+    assert torch.equal(model[0].weight, param)
+
+
+def test_ste_forward_is_always_a_mosaic_and_gradients_reach_latent_weights():
+    torch.manual_seed(0)
+    model = momos.prepare(_mlp(), MoMosConfig(block_size=3, capacity=0.2, mode="ste"))
+    latent = model[0].parametrizations.weight.original
+    before = latent.detach().clone()
+    momos.refresh(model)
+    assert torch.equal(latent, before)  # ste refresh leaves latent weights alone
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(4, 13)).pow(2).sum().backward()
+        assert latent.grad is not None and latent.grad.abs().sum() > 0
+        opt.step()
+        w = model[0].weight
+        motifs = model[0].parametrizations.weight[0].bank.motifs
+        blocks = to_blocks(w.detach(), 3)
+        assert all(bool((motifs == b).all(1).any()) for b in blocks[: w.numel() // 3])
+    assert not torch.equal(latent, before)
+    # the straight-through gradient of the forward weight is the gradient of the latent weight
+    x = torch.randn(2, 13)
+    latent.grad = None
+    model(x).sum().backward()
+    g_latent = latent.grad.clone()
+    w = model[0].weight.detach().requires_grad_()
+    out = nn.functional.linear(x, w, model[0].bias)
+    out = model[1](out)
+    out = model[2](out).sum()
+    out.backward()
+    assert torch.allclose(g_latent, w.grad)
+
+
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+@pytest.mark.parametrize("motif_dtype", ["float32", "float16", "bfloat16"])
+def test_convert_matches_the_refreshed_prepared_model(small_model, scope, motif_dtype):
+    name, model, make_input = small_model
+    prepared = momos.prepare(model, MoMosConfig(block_size=4, capacity=0.1, scope=scope, motif_dtype=motif_dtype))
+    momos.refresh(prepared)
+    x = make_input(5)
+    with torch.no_grad():
+        expected = prepared(x)
+        packed = momos.convert(prepared)
+        got = packed(x)
+    assert (got - expected).abs().max() <= 1e-6
+    assert not any(p.startswith("parametrizations") for p, _ in packed.named_parameters())
+    tables = {id(p.table) for _, p in momos.packed.packed_tensors(packed)}
+    assert len(tables) == (1 if scope == "global" else len(list(momos.packed.packed_tensors(packed))))
+    # the prepared model is untouched by convert (inplace=False)
+    assert len(list(prepared_tensors(prepared))) > 0
+
+
+def test_convert_refreshes_only_when_weights_moved():
+    torch.manual_seed(0)
+    model = momos.prepare(_mlp(), MoMosConfig(capacity=0.2))
+    momos.refresh(model)
+    bank = next(iter(_banks(model).values()))
+    packed = momos.convert(model)
+    assert torch.equal(next(momos.packed.packed_tensors(packed))[1].table.motifs, bank.motifs)
+    assert int(bank.refreshes) == 1
+    with torch.no_grad():
+        model[0].parametrizations.weight.original.add_(0.01)
+    x = torch.randn(2, 13)
+    packed = momos.convert(model, inplace=True)
+    assert int(bank.refreshes) == 2  # stale weights: one final refresh
+    # never refreshed: convert refreshes first, and the result is a mosaic
+    fresh = momos.convert(momos.prepare(_mlp(), MoMosConfig(capacity=0.2)))
+    assert fresh(x).shape == (2, 5)
+
+
+def test_convert_of_ste_model_packs_the_weights_its_forward_computes():
+    torch.manual_seed(0)
+    model = momos.prepare(_mlp(), MoMosConfig(capacity=0.3, mode="ste"))
+    momos.refresh(model)
+    with torch.no_grad():
+        for _, _, w in prepared_tensors(model):
+            w.add_(0.05 * torch.randn_like(w))
+        x = torch.randn(4, 13)
+        assert (momos.convert(model)(x) - model(x)).abs().max() <= 1e-6
+
+
+def test_state_dict_round_trips_prepared_and_converted_models():
+    torch.manual_seed(0)
+    cfg = MoMosConfig(capacity=0.2)
+    a = momos.prepare(_mlp(), cfg)
+    momos.refresh(a)
+    b = momos.prepare(_mlp(), cfg)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 13)
+    assert torch.equal(a(x), b(x))
+    # loaded weights are the refreshed ones: convert packs them without a new draw
+    pa, pb = momos.convert(a), momos.convert(b)
+    assert torch.equal(pa(x), pb(x))
+    c = momos.convert(momos.prepare(_mlp(), cfg))
+    c.load_state_dict(pa.state_dict())
+    assert torch.equal(c(x), pa(x))
+    assert any(k.endswith("mosaic") and v.dtype == torch.uint8 for k, v in pa.state_dict().items())
+
+
+def test_packed_models_deepcopy_but_refuse_pickle(tmp_path):
+    import copy
+
+    packed = momos.convert(momos.prepare(_mlp(), MoMosConfig(capacity=0.2)))
+    clone = copy.deepcopy(packed)
+    x = torch.randn(2, 13)
+    assert torch.equal(clone(x), packed(x))
+    with pytest.raises(MoMosStateError, match="momos.save"):
+        torch.save(packed, tmp_path / "m.pt")
+
+
+def test_mosaic_dtype_is_the_smallest_unsigned_that_fits():
+    from momos.packed import mosaic_dtype
+
+    assert mosaic_dtype(1) == mosaic_dtype(256) == torch.uint8
+    assert mosaic_dtype(257) == mosaic_dtype(65536) == torch.uint16
+    assert mosaic_dtype(65537) == torch.uint32
+    model = nn.Sequential(nn.Linear(100, 40))
+    packed = momos.convert(momos.prepare(model, MoMosConfig(block_size=1, num_motifs=300)))
+    assert packed[0].momos_packed.weight.mosaic.dtype == torch.uint16
+
+
+def test_selection_through_prepare():
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 3))
+    cfg = MoMosConfig(capacity=0.2)
+    model = momos.prepare(cnn, cfg, exclude=[nn.BatchNorm2d], overrides={"3.weight": cfg.replace(scope="tensor",
+                                                                                                  block_size=2)})
+    names = {n: p.bank.name for n, p, _ in prepared_tensors(model)}
+    assert names == {"0.weight": "global", "0.bias": "global", "3.weight": "3.weight", "3.bias": "global"}
+    only = momos.prepare(cnn, cfg, include=["re:.*weight"], exclude=["1.weight"])
+    assert {n for n, _, _ in prepared_tensors(only)} == {"0.weight", "3.weight"}
+    frozen = _mlp()
+    frozen[0].weight.requires_grad_(False)
+    assert "0.weight" not in {n for n, _, _ in prepared_tensors(momos.prepare(frozen, cfg))}
+
+
+def test_errors_of_the_lifecycle():
+    cfg = MoMosConfig(capacity=0.2)
+    model = momos.prepare(_mlp(), cfg)
+    with pytest.raises(MoMosStateError, match="already prepared"):
+        momos.prepare(model, cfg)
+    with pytest.raises(MoMosStateError, match="already prepared or converted"):
+        momos.prepare(momos.convert(model), cfg)
+    with pytest.raises(MoMosStateError, match="not prepared"):
+        momos.refresh(_mlp())
+    with pytest.raises(MoMosStateError, match="not prepared"):
+        momos.convert(_mlp())
+    with pytest.raises(MoMosStateError, match="converted"):
+        momos.refresh(momos.convert(model))
+    with pytest.raises(MoMosSelectionError, match="no tensor selected"):
+        momos.prepare(nn.ReLU(), cfg)
+    with pytest.raises(MoMosSelectionError, match="matched no"):
+        momos.prepare(_mlp(), cfg, exclude=["encoder.weight"])
+    with pytest.raises(MoMosConfigError, match="config"):
+        momos.prepare(_mlp(), {"capacity": 0.1})
+    with pytest.raises(MoMosConfigError, match="block_size"):
+        momos.prepare(_mlp(), cfg, overrides={"0.weight": cfg.replace(block_size=8)})
+    with torch.no_grad():
+        model[2].parametrizations.bias.original[1] = float("nan")
+    with pytest.raises(MoMosValueError, match="2.bias"):
+        momos.refresh(model)
+
+
+def test_tied_parameters_are_prepared_once():
+    emb = nn.Embedding(10, 4)
+    head = nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, head)
+    prepared = momos.prepare(model, MoMosConfig(capacity=0.5))
+    assert [n for n, _, _ in prepared_tensors(prepared)] == ["0.weight"]
+
+
+def test_padding_with_numel_not_a_multiple_of_block_size():
+    model = nn.Sequential(nn.Linear(7, 3))  # 21 weights, 3 biases
+    prepared = momos.prepare(model, MoMosConfig(block_size=5, num_motifs=3))
+    momos.refresh(prepared)
+    p = prepared[0].parametrizations.weight[0]
+    assert p.num_blocks == num_blocks(21, 5) == 5
+    x = torch.randn(2, 7)
+    assert (momos.convert(prepared)(x) - prepared(x)).abs().max() == 0

@@ -1,0 +1,36 @@
+import math
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from momos.blocks import from_blocks, num_blocks, reconstruct, to_blocks
+
+shapes = st.lists(st.integers(1, 7), min_size=1, max_size=4)
+
+
+@given(shape=shapes, s=st.integers(1, 9))
+def test_blocks_round_trip_and_pad_with_zeros(shape, s):
+    t = torch.randn(shape)
+    blocks = to_blocks(t, s)
+    assert blocks.shape == (num_blocks(t.numel(), s), s) == (math.ceil(t.numel() / s), s)
+    assert torch.equal(from_blocks(blocks, t.shape), t)
+    assert torch.equal(blocks.reshape(-1)[t.numel():], torch.zeros(blocks.numel() - t.numel()))
+
+
+@given(shape=shapes, s=st.integers(1, 6), k=st.integers(1, 5))
+def test_reconstruction_drops_padding(shape, s, k):
+    numel = math.prod(shape)
+    motifs = torch.randn(k, s)
+    mosaic = torch.randint(0, k, (num_blocks(numel, s),))
+    w = reconstruct(motifs, mosaic, shape)
+    assert w.shape == tuple(shape)
+    # every real entry comes from the motif of its block, at its offset in the block
+    flat = w.reshape(-1)
+    for i in range(numel):
+        assert flat[i] == motifs[mosaic[i // s], i % s]
+
+
+def test_reconstruct_casts():
+    w = reconstruct(torch.ones(2, 2, dtype=torch.float16), torch.tensor([1, 0]), (3,), dtype=torch.float32)
+    assert w.dtype == torch.float32 and w.tolist() == [1.0, 1.0, 1.0]
