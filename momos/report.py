@@ -84,7 +84,8 @@ class Report:
         line = "  ".join("-" * w for w in widths)
 
         def fmt(row: tuple[str, ...]) -> str:  # names and shapes left-aligned, figures right-aligned
-            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+            cells = zip(row, widths, strict=True)
+            return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(cells))
 
         return "\n".join([fmt(head), line, *map(fmt, rows[:-1]), line, fmt(rows[-1])])
 
