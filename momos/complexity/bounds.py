@@ -23,11 +23,13 @@ from torch import nn
 from momos.errors import MoMosConfigError, MoMosStateError
 from momos.packed import index_bits, packed_tensors
 
-# ζ: the decoder reads fixed-width 64-bit header fields: per bank k, s and the motif dtype; per tensor its
-# bank, its number of dimensions and each dimension. It depends on the architecture, never on n.
+# ζ: the decoder reads fixed-width 64-bit header fields (per bank k, s and the motif dtype; per tensor its
+# bank, its number of dimensions and each dimension) and each bank's mosaics as one byte-aligned stream
+# (up to 8 bits of alignment per bank). It depends on the architecture, never on n.
 HEADER_FIELD_BITS = 64
 BANK_HEADER_FIELDS = 3
 TENSOR_HEADER_FIELDS = 2  # plus one per dimension
+BANK_ALIGNMENT_BITS = 8
 
 
 def description_bits(num_motifs: int, block_size: int, num_blocks: int, motif_bits: int) -> int:
@@ -41,7 +43,7 @@ def description_bits(num_motifs: int, block_size: int, num_blocks: int, motif_bi
 def header_bits(num_banks: int, tensor_ndims: list[int]) -> int:
     """ζ for `num_banks` banks serving tensors of the given numbers of dimensions (see HEADER_FIELD_BITS)."""
     fields = BANK_HEADER_FIELDS * num_banks + sum(TENSOR_HEADER_FIELDS + d for d in tensor_ndims)
-    return HEADER_FIELD_BITS * fields
+    return HEADER_FIELD_BITS * fields + BANK_ALIGNMENT_BITS * num_banks
 
 
 def dense_ratio(num_motifs: int, block_size: int, num_blocks: int, numel: int, motif_bits: int) -> float:
