@@ -1,0 +1,448 @@
+"""Export a packed (converted) model to ONNX with its weights still compressed in the file.
+
+Every MoMos tensor becomes a small decode subgraph in front of its consumer::
+
+    mosaic initializer -> [unpack: Gather/BitShift/BitwiseOr/BitwiseAnd] -> Cast int32
+        -> Gather over the bank's motif initializer -> Reshape [-> Slice (drop padding) -> Reshape] -> consumer
+
+One motif initializer per bank (one for the whole model in global scope). Mosaic layouts:
+
+- ``"packed"`` (default): the indices as one little-endian stream of ``ceil(log2 k)``-bit fields in uint32
+  words, unpacked in the graph with integer ops (opset 18+). The words form groups of ``32/g`` fields in
+  ``b/g`` words (``g = gcd(b, 32)``), so field j of every group sits at a fixed bit offset and the unpack
+  is a handful of whole-tensor ops with tiny constant operands. Where b is 8, 16 or 32 the stream *is*
+  the native array, and no unpack is emitted.
+- ``"native"``: the narrowest unsigned type onnxruntime casts from (UINT2 from opset 25, UINT4 from
+  opset 21, else uint8/uint16/uint32), decoded by Cast alone.
+
+How folding is prevented: the model is exported by ``torch.onnx.export(dynamo=True, optimize=False)``
+with dense stand-ins for the MoMos tensors (named by their fully-qualified names), the stand-ins are
+swapped for decode subgraphs with onnx-ir, and onnxscript's optimizer then cleans the rest of the graph
+while the mosaic and motif initializers are hidden from it as graph inputs, so nothing downstream of
+them can be folded; they become initializers again before saving. onnxruntime folds them at load time
+only when asked to (``momos.runtime.load(path, weights="folded")``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+from onnxscript import optimizer
+from torch import nn
+from torch.nn.utils import parametrize
+
+from momos.errors import MoMosExportError
+from momos.packed import PACKED_ATTR, MotifTable, PackedTensor, index_bits, packed_tensors
+
+LAYOUTS = ("packed", "native")
+DEFAULT_OPSET = 21
+MIN_OPSET = 18  # BitwiseAnd/BitwiseOr
+
+# metadata_props keys written into the file (read back by momos.runtime.inspect)
+META_VERSION = "momos.version"
+META_LAYOUT = "momos.mosaic_layout"
+META_CONFIGS = "momos.configs"
+META_BANKS = "momos.banks"
+META_TENSORS = "momos.tensors"
+
+_MOTIF_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16,
+                 "bfloat16": ir.DataType.BFLOAT16}
+_TORCH_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
+                 torch.bfloat16: ir.DataType.BFLOAT16, torch.float64: ir.DataType.DOUBLE}
+_WORD_BITS = 32
+
+
+def to_onnx(packed_model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor],
+            path: str | os.PathLike, *, mosaic_layout: str = "packed", input_names: Sequence[str] | None = None,
+            output_names: Sequence[str] | None = None, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Write `packed_model` (the result of `momos.convert`) to `path` as ONNX and return the model proto.
+
+    `example_inputs` are the positional tensor inputs of one forward call; dimension 0 of each is
+    exported as a dynamic batch dimension. Inputs are named `input_names` (default ``input``, or
+    ``input_0, input_1, ...``), outputs `output_names` (default ``output``/``output_i``). The file passes
+    onnx.checker, carries the lowest IR version that holds `opset`, and is checked to load in the
+    installed onnxruntime. Raises `MoMosExportError` for a model that is not converted, inputs that do
+    not fit its forward, or an opset/IR this onnxruntime cannot read.
+    """
+    if mosaic_layout not in LAYOUTS:
+        raise MoMosExportError(f"mosaic_layout must be one of {list(LAYOUTS)}, got {mosaic_layout!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise MoMosExportError(f"opset must be an integer >= {MIN_OPSET} (BitwiseAnd/BitwiseOr), got {opset!r}")
+    tensors = _check_converted(packed_model)
+    inputs = _check_inputs(packed_model, example_inputs)
+    input_names = _names(input_names, len(inputs), "input")
+
+    dense = _dense_twin(packed_model)
+    try:
+        program = torch.onnx.export(
+            dense, _batch_of_two(inputs), dynamo=True, optimize=False, opset_version=opset,
+            input_names=input_names, output_names=list(output_names) if output_names is not None else None,
+            dynamic_shapes=tuple({0: torch.export.Dim.DYNAMIC} for _ in inputs), verbose=False,
+        )
+    except Exception as e:  # the exporter raises many types; all mean "this forward cannot be exported"
+        raise MoMosExportError(f"torch.onnx.export failed for {type(packed_model).__name__}: {e}") from e
+    model = program.model
+    num_outputs = len(model.graph.outputs)
+    if output_names is None:
+        for value, name in zip(model.graph.outputs, _names(None, num_outputs, "output"), strict=True):
+            value.name = name
+    elif len(output_names) != num_outputs:
+        raise MoMosExportError(f"output_names has {len(output_names)} names, the model has {num_outputs} outputs")
+
+    hidden = _insert_decoders(model.graph, tensors, mosaic_layout, opset)
+    _optimize_around(model, hidden)
+    model.metadata_props.update(_metadata(tensors, mosaic_layout, opset))
+    model.ir_version = onnx.helper.find_min_ir_version_for(
+        [onnx.helper.make_opsetid("", opset)], ignore_unknown=True)
+    if any(v.const_value is not None and v.const_value.dtype in (ir.DataType.UINT4, ir.DataType.UINT2)
+           for v in model.graph.initializers.values()):
+        model.ir_version = max(model.ir_version, 10 if opset < 25 else 11)
+
+    proto = ir.to_proto(model)
+    _strip_annotations(proto)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise MoMosExportError(f"the exported graph fails onnx.checker: {e}") from e
+    require_runtime(proto)
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+    return proto
+
+
+def require_runtime(proto: onnx.ModelProto) -> None:
+    """Raise `MoMosExportError` unless the installed onnxruntime can load `proto` (opset and IR version)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types per binding
+        opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
+        raise MoMosExportError(
+            f"onnxruntime {ort.__version__} cannot load the exported model (ir_version={proto.ir_version}, "
+            f"opsets={opsets}): upgrade onnxruntime or export with a lower opset. onnxruntime said: {e}"
+        ) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks on the torch side.
+
+def _check_converted(model: nn.Module) -> list[tuple[str, PackedTensor]]:
+    prepared = [n for n, m in model.named_modules() if parametrize.is_parametrized(m)]
+    if prepared:
+        raise MoMosExportError(f"model is prepared but not converted (parametrized module {prepared[0]!r}): "
+                               "call momos.convert(model) before exporting")
+    tensors = list(packed_tensors(model))
+    if not tensors:
+        raise MoMosExportError("model has no MoMos tensors: prepare, train and momos.convert it before exporting")
+    return tensors
+
+
+def _check_inputs(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
+        kinds = [type(x).__name__ for x in inputs]
+        raise MoMosExportError(f"example_inputs must be one tensor or a sequence of tensors, got {kinds}")
+    if any(x.dim() == 0 for x in inputs):
+        raise MoMosExportError("every example input needs a batch dimension (dim 0); got a 0-d tensor")
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as e:  # whatever the forward raises means the signature does not fit
+        shapes = [f"{tuple(x.shape)} {x.dtype}" for x in inputs]
+        raise MoMosExportError(f"example_inputs {shapes} do not fit the forward of "
+                               f"{type(model).__name__}: {type(e).__name__}: {e}") from e
+    return inputs
+
+
+def _names(names: Sequence[str] | None, count: int, stem: str) -> list[str]:
+    if names is None:
+        return [stem] if count == 1 else [f"{stem}_{i}" for i in range(count)]
+    if len(names) != count or len(set(names)) != count:
+        raise MoMosExportError(f"{stem}_names must be {count} distinct names, got {list(names)!r}")
+    return list(names)
+
+
+def _batch_of_two(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Trace with batch 2: torch.export specialises a batch of 1 to a constant."""
+    return tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in inputs)
+
+
+def _dense_twin(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose MoMos tensors are plain parameters holding the decoded values.
+
+    The exporter then names each one by its fully-qualified name, which is how the decoders find them.
+    """
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        cls = module.__class__
+        if not getattr(cls, "__momos_packed_class__", False):
+            continue
+        decoded = {name: packed().detach() for name, packed in getattr(module, PACKED_ATTR).items()}
+        module.__class__ = cls.__bases__[0]
+        del module._modules[PACKED_ATTR]
+        for name, value in decoded.items():
+            module.register_parameter(name, nn.Parameter(value, requires_grad=False))
+    return twin.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mosaic layouts (numpy encode, graph decode).
+
+@dataclass(frozen=True)
+class _FieldLayout:
+    """Where field j of each group of the packed stream sits: group = `fields` fields in `words` words."""
+
+    bits: int
+    fields: int
+    words: int
+
+    @classmethod
+    def for_bits(cls, bits: int) -> _FieldLayout:
+        g = math.gcd(bits, _WORD_BITS)
+        return cls(bits, _WORD_BITS // g, bits // g)
+
+    def offsets(self) -> tuple[np.ndarray, np.ndarray]:
+        """(word index, bit shift) of each field within its group."""
+        start = np.arange(self.fields) * self.bits
+        return start // _WORD_BITS, start % _WORD_BITS
+
+    @property
+    def crosses(self) -> bool:
+        """Whether some field spans two words (bits does not divide 32)."""
+        return _WORD_BITS % self.bits != 0
+
+
+def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
+    """The uint32 words of `indices` as a little-endian stream of `bits`-bit fields (zero-padded to whole groups)."""
+    layout = _FieldLayout.for_bits(bits)
+    groups = -(-indices.size // layout.fields)
+    fields = np.zeros(groups * layout.fields, dtype=np.uint64)
+    fields[:indices.size] = indices
+    fields = fields.reshape(groups, layout.fields)
+    words = np.zeros((groups, layout.words), dtype=np.uint64)
+    word, shift = layout.offsets()
+    for j in range(layout.fields):
+        words[:, word[j]] |= (fields[:, j] << np.uint64(shift[j])) & np.uint64(0xFFFFFFFF)
+        if shift[j] + bits > _WORD_BITS:
+            words[:, word[j] + 1] |= fields[:, j] >> np.uint64(_WORD_BITS - shift[j])
+    return words.astype(np.uint32).reshape(-1)
+
+
+def unpack_indices(words: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of `pack_indices` (numpy mirror of the graph's unpack): the first `count` indices as int64."""
+    layout = _FieldLayout.for_bits(bits)
+    grid = words.astype(np.uint64).reshape(-1, layout.words)
+    word, shift = layout.offsets()
+    hi = np.minimum(word + 1, layout.words - 1)
+    lo_part = grid[:, word] >> shift.astype(np.uint64)
+    hi_shift = np.minimum(_WORD_BITS - shift, _WORD_BITS - 1).astype(np.uint64)
+    hi_part = (grid[:, hi] << hi_shift) & np.uint64(0xFFFFFFFF)
+    values = (lo_part | hi_part) & np.uint64((1 << bits) - 1)
+    return values.reshape(-1)[:count].astype(np.int64)
+
+
+def _native_dtype(bits: int, opset: int) -> tuple[ir.DataType, Any]:
+    """(ONNX type, numpy type) of the narrowest unsigned array onnxruntime casts from at `opset`."""
+    if bits <= 2 and opset >= 25:
+        return ir.DataType.UINT2, ml_dtypes.uint2
+    if bits <= 4 and opset >= 21:
+        return ir.DataType.UINT4, ml_dtypes.uint4
+    for width, onnx_type, np_type in ((8, ir.DataType.UINT8, np.uint8), (16, ir.DataType.UINT16, np.uint16)):
+        if bits <= width:
+            return onnx_type, np_type
+    return ir.DataType.UINT32, np.uint32
+
+
+# ---------------------------------------------------------------------------------------------
+# Graph rewriting.
+
+class _Builder:
+    """Appends one tensor's decode nodes to a list; small constants are initializers shared graph-wide."""
+
+    def __init__(self, graph: ir.Graph, prefix: str, constants: dict[tuple[str, bytes, str], ir.Value]) -> None:
+        self.graph = graph
+        self.prefix = prefix
+        self.constants = constants
+        self.nodes: list[ir.Node] = []
+
+    def op(self, op_type: str, inputs: Sequence[ir.Value], name: str, **attributes: Any) -> ir.Value:
+        node = ir.node(op_type, inputs, attributes or None, name=f"{self.prefix}/{name}")
+        node.outputs[0].name = f"{self.prefix}.{name}"
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def const(self, values: np.ndarray, name: str) -> ir.Value:
+        key = (name, values.tobytes(), str(values.dtype))
+        if key not in self.constants:
+            unique = _unique_name(self.graph, f"momos.{name}")
+            self.constants[key] = _initializer(self.graph, unique, values)
+        return self.constants[key]
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    tensor = ir.tensor(array, dtype=dtype, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype),
+                     const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def _motif_array(table: MotifTable) -> np.ndarray:
+    motifs = table.motifs.detach().cpu()
+    if motifs.dtype == torch.bfloat16:
+        return motifs.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return motifs.numpy()
+
+
+def _insert_decoders(graph: ir.Graph, tensors: list[tuple[str, PackedTensor]], layout: str,
+                     opset: int) -> list[ir.Value]:
+    """Replace each MoMos tensor's dense initializer by its decode subgraph; return the compressed initializers."""
+    hidden: list[ir.Value] = []
+    tables: dict[int, ir.Value] = {}
+    names: dict[int, str] = {}
+    constants: dict[tuple[str, bytes, str], ir.Value] = {}
+    first_use: dict[str, ir.Node] = {}  # decoders go right before their first consumer: short-lived in compact mode
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and value.is_initializer():
+                first_use.setdefault(value.name, node)
+    for fqn, packed in tensors:
+        dense = graph.initializers.get(fqn)
+        if dense is None:
+            raise MoMosExportError(f"the exported graph has no initializer {fqn!r} for MoMos tensor {fqn!r}")
+        table = packed.table
+        if id(table) not in tables:
+            names[id(table)] = _unique_name(graph, f"momos.motifs.{table.name}")
+            tables[id(table)] = _initializer(graph, names[id(table)], _motif_array(table),
+                                             _MOTIF_DTYPES[table.config.motif_dtype])
+            hidden.append(tables[id(table)])
+        if fqn not in first_use:  # an unused parameter: drop it from the file
+            graph.initializers.pop(fqn)
+            continue
+        b = _Builder(graph, fqn, constants)
+        motifs = tables[id(table)]
+        target = _TORCH_DTYPES[packed.dtype]
+        if motifs.dtype != target:
+            motifs = b.op("Cast", [motifs], "motifs_cast", to=target)
+        indices, mosaic = _indices(graph, b, packed, layout, opset)
+        hidden.append(mosaic)
+        blocks = b.op("Gather", [motifs, indices], "blocks", axis=0)
+        padded = packed.num_blocks * table.block_size != packed.numel
+        if padded:
+            flat = b.op("Reshape", [blocks, b.const(np.array([-1], np.int64), "flat")], "flat")
+            blocks = b.op("Slice", [flat, b.const(np.array([0], np.int64), "zero"),
+                                    b.const(np.array([packed.numel], np.int64), "numel")], "unpadded")
+        shape = b.const(np.array(packed.shape, np.int64), "shape")
+        decoded = b.op("Reshape", [blocks, shape], "decoded")
+        graph.insert_before(first_use[fqn], b.nodes)
+        dense.replace_all_uses_with(decoded)
+        graph.initializers.pop(fqn)
+    return hidden
+
+
+def _unique_name(graph: ir.Graph, name: str) -> str:
+    suffix = 1
+    unique = name
+    while unique in graph.initializers:
+        unique, suffix = f"{name}.{suffix}", suffix + 1
+    return unique
+
+
+def _indices(graph: ir.Graph, b: _Builder, packed: PackedTensor, layout: str,
+             opset: int) -> tuple[ir.Value, ir.Value]:
+    """(int32 index value of shape (m,), the mosaic initializer it is decoded from)."""
+    mosaic = packed.mosaic.detach().cpu().numpy().astype(np.int64)
+    bits = max(1, index_bits(packed.table.num_motifs))
+    if layout == "native" or bits in (8, 16, 32):
+        onnx_type, np_type = _native_dtype(bits, opset if layout == "native" else 0)
+        stored = _initializer(graph, f"{b.prefix}.mosaic", mosaic.astype(np_type), onnx_type)
+        return b.op("Cast", [stored], "indices", to=ir.DataType.INT32), stored
+
+    fields = _FieldLayout.for_bits(bits)
+    stored = _initializer(graph, f"{b.prefix}.mosaic", pack_indices(mosaic, bits))
+    word, shift = fields.offsets()
+    grid = b.op("Reshape", [stored, b.const(np.array([-1, fields.words], np.int64), f"grid{bits}")], "grid")
+    lo = b.op("Gather", [grid, b.const(word.astype(np.int64), f"lo_word{bits}")], "lo", axis=1)
+    value = b.op("BitShift", [lo, b.const(shift.astype(np.uint32), f"lo_shift{bits}")], "lo_bits", direction="RIGHT")
+    if fields.crosses:
+        # A field's high part: hi << (32 - shift). Fields that do not cross take shift 31 instead of 32 (which
+        # BitShift leaves undefined): any shift >= bits puts hi above the mask.
+        hi_word = np.minimum(word + 1, fields.words - 1).astype(np.int64)
+        hi = b.op("Gather", [grid, b.const(hi_word, f"hi_word{bits}")], "hi", axis=1)
+        hi_shift = np.minimum(_WORD_BITS - shift, _WORD_BITS - 1).astype(np.uint32)
+        hi = b.op("BitShift", [hi, b.const(hi_shift, f"hi_shift{bits}")], "hi_bits", direction="LEFT")
+        value = b.op("BitwiseOr", [value, hi], "joined")
+    value = b.op("BitwiseAnd", [value, b.const(np.array((1 << bits) - 1, np.uint32), f"mask{bits}")], "fields")
+    value = b.op("Reshape", [value, b.const(np.array([-1], np.int64), "flat")], "stream")
+    if mosaic.size % fields.fields:
+        value = b.op("Slice", [value, b.const(np.array([0], np.int64), "zero"),
+                               b.const(np.array([mosaic.size], np.int64), "num_blocks")], "stream_used")
+    return b.op("Cast", [value], "indices", to=ir.DataType.INT32), stored
+
+
+def _optimize_around(model: ir.Model, hidden: list[ir.Value]) -> None:
+    """Run onnxscript's optimizer on everything but the decoders: compressed initializers become inputs meanwhile."""
+    graph = model.graph
+    tensors = {}
+    for value in hidden:
+        tensors[value.name] = value.const_value
+        graph.initializers.pop(value.name)
+        value.const_value = None
+        graph.inputs.append(value)
+    optimizer.optimize_ir(model)
+    for value in hidden:
+        graph.inputs.remove(value)
+        value.const_value = tensors[value.name]
+        graph.register_initializer(value)
+
+
+def _strip_annotations(proto: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node provenance (stack traces, module paths) and inferred value_info.
+
+    They are several times larger than a small model's compressed weights; onnxruntime re-infers shapes.
+    """
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    del proto.graph.value_info[:]
+
+
+def _metadata(tensors: list[tuple[str, PackedTensor]], layout: str, opset: int) -> dict[str, str]:
+    """Compact JSON: distinct configs once, banks pointing at them, per-tensor k, index bits and storage."""
+    from momos import __version__
+
+    configs: list[dict[str, Any]] = []
+    banks: dict[str, dict[str, Any]] = {}
+    per_tensor: dict[str, dict[str, Any]] = {}
+    for fqn, packed in tensors:
+        table = packed.table
+        k = table.num_motifs
+        if table.name not in banks:
+            config = table.config.to_dict()
+            if config not in configs:
+                configs.append(config)
+            banks[table.name] = {"config": configs.index(config), "num_motifs": k,
+                                 "block_size": table.block_size, "index_bits": index_bits(k)}
+        bits = max(1, index_bits(k))
+        if layout == "native" or bits in (8, 16, 32):
+            storage = _native_dtype(bits, opset if layout == "native" else 0)[0].name.lower()
+        else:
+            storage = f"uint32x{bits}"
+        per_tensor[fqn] = {"bank": table.name, "shape": list(packed.shape), "num_motifs": k,
+                           "index_bits": index_bits(k), "storage": storage}
+    compact = {"separators": (",", ":")}
+    return {META_VERSION: __version__, META_LAYOUT: layout, META_CONFIGS: json.dumps(configs, **compact),
+            META_BANKS: json.dumps(banks, **compact), META_TENSORS: json.dumps(per_tensor, **compact)}
