@@ -44,17 +44,12 @@ from torch.nn.utils import parametrize
 
 from momos.errors import MoMosExportError
 from momos.packed import PACKED_ATTR, MotifTable, PackedTensor, index_bits, packed_tensors
+from momos.runtime import metadata as meta
 
 LAYOUTS = ("packed", "native")
 DEFAULT_OPSET = 21
 MIN_OPSET = 18  # BitwiseAnd/BitwiseOr
 
-# metadata_props keys written into the file (read back by momos.runtime.inspect)
-META_VERSION = "momos.version"
-META_LAYOUT = "momos.mosaic_layout"
-META_CONFIGS = "momos.configs"
-META_BANKS = "momos.banks"
-META_TENSORS = "momos.tensors"
 
 _MOTIF_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16,
                  "bfloat16": ir.DataType.BFLOAT16}
@@ -100,6 +95,7 @@ def to_onnx(packed_model: nn.Module, example_inputs: torch.Tensor | Sequence[tor
     elif len(output_names) != num_outputs:
         raise MoMosExportError(f"output_names has {len(output_names)} names, the model has {num_outputs} outputs")
 
+    _name_batch_dim(model.graph)
     hidden = _insert_decoders(model.graph, tensors, mosaic_layout, opset)
     _optimize_around(model, hidden)
     model.metadata_props.update(_metadata(tensors, mosaic_layout, opset))
@@ -410,6 +406,14 @@ def _optimize_around(model: ir.Model, hidden: list[ir.Value]) -> None:
         graph.register_initializer(value)
 
 
+def _name_batch_dim(graph: ir.Graph) -> None:
+    """Call the exporter's symbol for dimension 0 of the inputs "batch" wherever inputs and outputs use it."""
+    symbols = {str(v.shape[0]) for v in graph.inputs if v.shape is not None and isinstance(v.shape[0], ir.SymbolicDim)}
+    for value in [*graph.inputs, *graph.outputs]:
+        if value.shape is not None:
+            value.shape = ir.Shape(["batch" if str(d) in symbols else d for d in value.shape])
+
+
 def _strip_annotations(proto: onnx.ModelProto) -> None:
     """Drop the exporter's per-node provenance (stack traces, module paths) and inferred value_info.
 
@@ -444,5 +448,6 @@ def _metadata(tensors: list[tuple[str, PackedTensor]], layout: str, opset: int) 
         per_tensor[fqn] = {"bank": table.name, "shape": list(packed.shape), "num_motifs": k,
                            "index_bits": index_bits(k), "storage": storage}
     compact = {"separators": (",", ":")}
-    return {META_VERSION: __version__, META_LAYOUT: layout, META_CONFIGS: json.dumps(configs, **compact),
-            META_BANKS: json.dumps(banks, **compact), META_TENSORS: json.dumps(per_tensor, **compact)}
+    return {meta.VERSION: __version__, meta.LAYOUT: layout, meta.OPSET: str(opset),
+            meta.CONFIGS: json.dumps(configs, **compact), meta.BANKS: json.dumps(banks, **compact),
+            meta.TENSORS: json.dumps(per_tensor, **compact)}
