@@ -56,6 +56,7 @@ _MOTIF_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16,
 _TORCH_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
                  torch.bfloat16: ir.DataType.BFLOAT16, torch.float64: ir.DataType.DOUBLE}
 _WORD_BITS = 32
+_UNPACK_NODE_BYTES = 400  # about what the unpack nodes of one tensor add to the file
 
 
 def to_onnx(packed_model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -251,6 +252,18 @@ def unpack_indices(words: np.ndarray, bits: int, count: int) -> np.ndarray:
     return values.reshape(-1)[:count].astype(np.int64)
 
 
+def _bit_packs(count: int, bits: int, layout: str) -> bool:
+    """Whether a mosaic of `count` `bits`-bit indices is stored as a packed stream (else as a native array).
+
+    Layout "packed" packs wherever that makes the file smaller: not where the native array is already
+    exactly b bits wide, and not for tensors so small that the unpack nodes cost more than they save.
+    """
+    if layout == "native" or bits in (8, 16, 32):
+        return False
+    native_bits = 8 if bits < 8 else 16 if bits < 16 else 32
+    return count * (native_bits - bits) // 8 > _UNPACK_NODE_BYTES
+
+
 def _native_dtype(bits: int, opset: int) -> tuple[ir.DataType, Any]:
     """(ONNX type, numpy type) of the narrowest unsigned array onnxruntime casts from at `opset`."""
     if bits <= 2 and opset >= 25:
@@ -276,7 +289,7 @@ class _Builder:
         self.nodes: list[ir.Node] = []
 
     def op(self, op_type: str, inputs: Sequence[ir.Value], name: str, **attributes: Any) -> ir.Value:
-        node = ir.node(op_type, inputs, attributes or None, name=f"{self.prefix}/{name}")
+        node = ir.node(op_type, inputs, attributes or None)  # unnamed: names would cost file bytes
         node.outputs[0].name = f"{self.prefix}.{name}"
         self.nodes.append(node)
         return node.outputs[0]
@@ -309,32 +322,31 @@ def _insert_decoders(graph: ir.Graph, tensors: list[tuple[str, PackedTensor]], l
     """Replace each MoMos tensor's dense initializer by its decode subgraph; return the compressed initializers."""
     hidden: list[ir.Value] = []
     tables: dict[int, ir.Value] = {}
-    names: dict[int, str] = {}
     constants: dict[tuple[str, bytes, str], ir.Value] = {}
     first_use: dict[str, ir.Node] = {}  # decoders go right before their first consumer: short-lived in compact mode
     for node in graph:
         for value in node.inputs:
             if value is not None and value.is_initializer():
                 first_use.setdefault(value.name, node)
-    for fqn, packed in tensors:
+    for position, (fqn, packed) in enumerate(tensors):
         dense = graph.initializers.get(fqn)
         if dense is None:
             raise MoMosExportError(f"the exported graph has no initializer {fqn!r} for MoMos tensor {fqn!r}")
         table = packed.table
         if id(table) not in tables:
-            names[id(table)] = _unique_name(graph, f"momos.motifs.{table.name}")
-            tables[id(table)] = _initializer(graph, names[id(table)], _motif_array(table),
+            name = _unique_name(graph, f"momos.motifs.{table.name}")
+            tables[id(table)] = _initializer(graph, name, _motif_array(table),
                                              _MOTIF_DTYPES[table.config.motif_dtype])
             hidden.append(tables[id(table)])
         if fqn not in first_use:  # an unused parameter: drop it from the file
             graph.initializers.pop(fqn)
             continue
-        b = _Builder(graph, fqn, constants)
+        b = _Builder(graph, f"momos{position}", constants)  # short intermediate names: they cost file bytes
         motifs = tables[id(table)]
         target = _TORCH_DTYPES[packed.dtype]
         if motifs.dtype != target:
             motifs = b.op("Cast", [motifs], "motifs_cast", to=target)
-        indices, mosaic = _indices(graph, b, packed, layout, opset)
+        indices, mosaic = _indices(graph, b, fqn, packed, layout, opset)
         hidden.append(mosaic)
         blocks = b.op("Gather", [motifs, indices], "blocks", axis=0)
         padded = packed.num_blocks * table.block_size != packed.numel
@@ -347,6 +359,7 @@ def _insert_decoders(graph: ir.Graph, tensors: list[tuple[str, PackedTensor]], l
         graph.insert_before(first_use[fqn], b.nodes)
         dense.replace_all_uses_with(decoded)
         graph.initializers.pop(fqn)
+        decoded.name = fqn  # the decoded tensor takes the dense initializer's place and name
     return hidden
 
 
@@ -358,18 +371,18 @@ def _unique_name(graph: ir.Graph, name: str) -> str:
     return unique
 
 
-def _indices(graph: ir.Graph, b: _Builder, packed: PackedTensor, layout: str,
+def _indices(graph: ir.Graph, b: _Builder, fqn: str, packed: PackedTensor, layout: str,
              opset: int) -> tuple[ir.Value, ir.Value]:
     """(int32 index value of shape (m,), the mosaic initializer it is decoded from)."""
     mosaic = packed.mosaic.detach().cpu().numpy().astype(np.int64)
     bits = max(1, index_bits(packed.table.num_motifs))
-    if layout == "native" or bits in (8, 16, 32):
+    if not _bit_packs(mosaic.size, bits, layout):
         onnx_type, np_type = _native_dtype(bits, opset if layout == "native" else 0)
-        stored = _initializer(graph, f"{b.prefix}.mosaic", mosaic.astype(np_type), onnx_type)
+        stored = _initializer(graph, f"{fqn}.mosaic", mosaic.astype(np_type), onnx_type)
         return b.op("Cast", [stored], "indices", to=ir.DataType.INT32), stored
 
     fields = _FieldLayout.for_bits(bits)
-    stored = _initializer(graph, f"{b.prefix}.mosaic", pack_indices(mosaic, bits))
+    stored = _initializer(graph, f"{fqn}.mosaic", pack_indices(mosaic, bits))
     word, shift = fields.offsets()
     grid = b.op("Reshape", [stored, b.const(np.array([-1, fields.words], np.int64), f"grid{bits}")], "grid")
     lo = b.op("Gather", [grid, b.const(word.astype(np.int64), f"lo_word{bits}")], "lo", axis=1)
@@ -441,7 +454,7 @@ def _metadata(tensors: list[tuple[str, PackedTensor]], layout: str, opset: int) 
             banks[table.name] = {"config": configs.index(config), "num_motifs": k,
                                  "block_size": table.block_size, "index_bits": index_bits(k)}
         bits = max(1, index_bits(k))
-        if layout == "native" or bits in (8, 16, 32):
+        if not _bit_packs(packed.num_blocks, bits, layout):
             storage = _native_dtype(bits, opset if layout == "native" else 0)[0].name.lower()
         else:
             storage = f"uint32x{bits}"
