@@ -135,8 +135,11 @@ def _digits(codes: np.ndarray, base: int, length: int) -> np.ndarray:
 
 def _encode(digits: np.ndarray, base: int) -> np.ndarray:
     """Integer code of each row of symbols, most significant first (pybdm's string order)."""
-    powers = base ** np.arange(digits.shape[1] - 1, -1, -1, dtype=np.int64)
-    return digits.astype(np.int64) @ powers
+    code = np.zeros(digits.shape[0], dtype=np.int64)
+    for column in range(digits.shape[1]):  # Horner on columns: no int64 copy of the whole payload
+        code *= base
+        code += digits[:, column]
+    return code
 
 
 def _normalize(digits: np.ndarray, base: int) -> np.ndarray:
