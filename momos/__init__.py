@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from momos.config import MoMosConfig
 from momos.errors import (
     MoMosConfigError,
+    MoMosDependencyError,
     MoMosError,
     MoMosExportError,
     MoMosFormatError,
@@ -43,7 +44,7 @@ _SUBMODULES = {"complexity", "export", "runtime"}
 
 __all__ = [
     "MoMosConfig", "MoMosError", "MoMosConfigError", "MoMosSelectionError", "MoMosStateError",
-    "MoMosValueError", "MoMosFormatError", "MoMosExportError", *_LAZY, *sorted(_SUBMODULES),
+    "MoMosValueError", "MoMosFormatError", "MoMosExportError", "MoMosDependencyError", *_LAZY, *sorted(_SUBMODULES),
 ]
 
 if TYPE_CHECKING:

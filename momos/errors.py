@@ -29,3 +29,7 @@ class MoMosFormatError(MoMosError, ValueError):
 
 class MoMosExportError(MoMosError, RuntimeError):
     """A model cannot be exported as asked (not converted, wrong input signature, runtime too old)."""
+
+
+class MoMosDependencyError(MoMosError, ImportError):
+    """A dependency a feature needs cannot be imported; the message gives the command that fixes it."""

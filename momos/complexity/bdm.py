@@ -29,7 +29,7 @@ import numpy as np
 from torch import nn
 
 from momos.complexity.payload import model_symbols, to_symbols, trainable_tensors
-from momos.errors import MoMosConfigError, MoMosError, MoMosValueError
+from momos.errors import MoMosConfigError, MoMosDependencyError, MoMosValueError
 
 # (ndim, symbols) -> pybdm's CTM dataset; the block shape is in the name.
 CTM_DATASETS = {
@@ -44,10 +44,6 @@ BLOCK_SHAPES = {1: (12,), 2: (4, 4)}
 PARTITIONS = ("ignore", "recursive")
 # Above this many possible blocks, distinct blocks are found by sorting instead of a dense bincount.
 _BINCOUNT_LIMIT = 1 << 20
-
-
-class MoMosDependencyError(MoMosError, ImportError):
-    """An optional dependency that a measure needs cannot be imported; the message gives the fix."""
 
 
 def _pybdm() -> Any:
