@@ -1,36 +1,209 @@
 """Exact nearest-motif search: the index of the closest motif (squared Euclidean) for every block.
 
-Ties go to the lowest motif index, as in ``argmin``.
+What "exact" means here, for every engine: block ``x`` gets the lowest index ``j`` that minimises
+
+    D(x, z_j) = (x_0 - z_j0)^2 + (x_1 - z_j1)^2 + ... + (x_{s-1} - z_j,s-1)^2
+
+evaluated in float64, coordinate by coordinate in that order. For float32 (or 16-bit) inputs every
+difference is exact in float64 and each square and sum is rounded relative to the distance itself, so
+this is the true nearest motif except between two distances that agree to ~1e-15 relative; and it is the
+same function whichever engine computes it, bit for bit.
+
+Engines (`ENGINES`), chosen per ``(s, k, m)`` by `choose_engine` from measurements on a 2-core CPU:
+
+- ``"torch"``: chunked brute force of D itself, O(m k s), no setup cost; the choice for small ``m * k``
+  and the fallback of the two engines below.
+- ``"kdtree"``: scipy's ``cKDTree`` (float64, O(m log k) for small s); the choice for s <= 4, and for
+  s <= 8 with large banks: the only engine that stays near-linear in model size at fixed capacity.
+- ``"faiss"``: faiss ``IndexFlatL2`` brute force with BLAS in float32, O(m k s); the choice for small
+  banks and for larger s, where a KD-tree degrades towards brute force anyway.
+
+The two fast engines run on a bank without duplicate motifs (a duplicate's block goes to its lowest
+index) and return two candidates per block. Their D is recomputed exactly, and a block is settled only
+where an error bound proves that no other motif can be as close; every other block (near ties, and rows
+faiss's float32 cannot separate) is decided by the torch engine. Work runs on ``torch.get_num_threads()``
+threads, so ``torch.set_num_threads`` is the one knob for all of it; faiss's own OpenMP setting is
+changed only for the duration of a search and restored afterwards.
 """
 
 from __future__ import annotations
 
 import torch
 
-# Rows of blocks per chunk: bounds the (chunk x k) distance matrix.
-_CHUNK_ELEMENTS = 1 << 24
+from momos.errors import MoMosConfigError, MoMosValueError
+
+ENGINES = ("auto", "faiss", "kdtree", "torch")
+
+# Engine choice, measured on 2 cores (one thread, m blocks, times in seconds). Brute force in torch
+# beats building an index up to ~2^17 pairs (s=4, m*k=2^16: torch 0.0005, kdtree 0.002, faiss 0.0014;
+# at 2^20 pairs torch is 3x slower than either). A KD-tree wins at s <= 4 unless the bank is tiny
+# (s=4, m=65k: k=64 faiss 0.05 vs kdtree 0.09; k=256 kdtree 0.03 vs faiss 0.05; k=12k, m=250k kdtree 0.7
+# vs faiss 4+) and at s <= 8 for large banks (s=8, m=60k: k=600 faiss 0.27 vs kdtree 0.59, k=6000 even;
+# m=120k, k=12k kdtree 2.8 vs faiss 4.5). From s=12 faiss is 5-10x faster than a KD-tree.
+TORCH_MAX_PAIRS = 1 << 17
+KDTREE_RULES = ((4, 128), (8, 6000))  # (largest block size, fewest motifs) where a KD-tree wins
+# Elements of the largest temporary (rows x motifs) float64 array of the torch engine.
+_CHUNK_ELEMENTS = 1 << 21
+# Blocks per query of a fast engine: bounds its float64 copies and results (~100 bytes a row).
+_QUERY_ROWS = 1 << 16
+# faiss computes |x|^2 + |z|^2 - 2 x.z in float32. Each of the three terms, their sum and the rounding of
+# float64 inputs to float32 err by at most (2s + 8) u (|x|^2 + |z|^2) with u = 2^-24; `_FaissEngine`
+# uses twice that.
+_FLOAT32_UNIT = 2.0 ** -24
+# faiss's float32 can underflow to zero for tiny values: an absolute allowance far above what that loses.
+_FLOAT32_TINY = 2.0 ** -100
+# Relative slack under a float64 bound (cKDTree's pruning and our D both round at ~1e-16 relative).
+_FLOAT64_SLACK = 1e-9
 
 
-def nearest_torch(blocks: torch.Tensor, motifs: torch.Tensor) -> torch.Tensor:
-    """Chunked brute force: ``cdist(blocks, motifs).argmin(1)`` without materialising the m x k matrix.
+def choose_engine(block_size: int, num_motifs: int, num_queries: int) -> str:
+    """The engine ``"auto"`` picks for `num_queries` blocks of `block_size` against `num_motifs` motifs."""
+    if num_queries * num_motifs <= TORCH_MAX_PAIRS or num_motifs == 1:
+        return "torch"
+    if any(block_size <= size and num_motifs >= fewest for size, fewest in KDTREE_RULES):
+        return "kdtree"
+    return "faiss"
 
-    Distances are computed exactly as ``sum((x - z)^2)`` through the expansion in float64, which keeps
-    the result exact for float32 inputs up to ties.
+
+def nearest(blocks: torch.Tensor, motifs: torch.Tensor, *, engine: str = "auto") -> torch.Tensor:
+    """Index (int64, shape ``(m,)``) of the nearest motif for each row of `blocks` ``(m, s)``, exact as
+    defined in this module (lowest index on ties) whichever `engine` computes it."""
+    return MotifSearch(motifs, num_queries=blocks.shape[0], engine=engine).nearest(blocks)
+
+
+class MotifSearch:
+    """Exact nearest-motif queries against one fixed ``(k, s)`` bank: built once, queried in any chunks.
+
+    `num_queries` (the blocks that will be asked in all) lets ``engine="auto"`` weigh the index's setup
+    against the queries it serves. Motifs must be finite; so must every block asked.
     """
-    m, k = blocks.shape[0], motifs.shape[0]
-    out = torch.empty(m, dtype=torch.int64)
-    if m == 0:
+
+    def __init__(self, motifs: torch.Tensor, *, num_queries: int, engine: str = "auto") -> None:
+        if engine not in ENGINES:
+            raise MoMosConfigError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+        if motifs.ndim != 2 or motifs.shape[0] < 1:
+            raise MoMosValueError(f"motifs must be a (k, s) tensor with k >= 1, got shape {tuple(motifs.shape)}")
+        self.motifs = motifs.detach().cpu().to(torch.float64)
+        if not torch.isfinite(self.motifs).all():
+            raise MoMosValueError("motifs hold NaN or Inf values")
+        k, s = self.motifs.shape
+        self.engine = choose_engine(s, k, num_queries) if engine == "auto" else engine
+        self._fast: _FaissEngine | _KDTreeEngine | None = None
+        if self.engine != "torch":
+            # Duplicate motifs would make every block near them a tie; keep one copy, under its lowest index.
+            unique, inverse = torch.unique(self.motifs, dim=0, return_inverse=True)
+            lowest = torch.full((unique.shape[0],), k, dtype=torch.int64)
+            self._lowest = lowest.scatter_reduce_(0, inverse, torch.arange(k), "amin")
+            self._unique = unique
+            if unique.shape[0] > 1:
+                self._fast = _FaissEngine(unique) if self.engine == "faiss" else _KDTreeEngine(unique)
+
+    @property
+    def block_size(self) -> int:
+        return self.motifs.shape[1]
+
+    def nearest(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Index (int64, shape ``(m,)``) of the nearest motif of each row of `blocks` ``(m, block_size)``."""
+        if blocks.ndim != 2 or blocks.shape[1] != self.block_size:
+            raise MoMosValueError(f"blocks must have shape (m, {self.block_size}), got {tuple(blocks.shape)}")
+        blocks = blocks.detach()
+        out = torch.empty(blocks.shape[0], dtype=torch.int64)
+        for start in range(0, blocks.shape[0], _QUERY_ROWS):
+            x = blocks[start:start + _QUERY_ROWS].cpu().to(torch.float64)
+            if not torch.isfinite(x).all():
+                raise MoMosValueError(f"blocks hold NaN or Inf values (in rows {start}..{start + x.shape[0] - 1})")
+            out[start:start + x.shape[0]] = self._nearest64(x)
+        return out.to(blocks.device)
+
+    def _nearest64(self, x: torch.Tensor) -> torch.Tensor:
+        if self.engine == "torch":
+            return _brute_force(x, self.motifs)
+        if self._fast is None:  # a single distinct motif
+            return self._lowest[0].expand(x.shape[0]).clone()
+        candidates, floor = self._fast.candidates(x)
+        # Exact D of both candidates; on equal D the lower original index wins.
+        lowest = self._lowest[candidates]
+        d = torch.stack([_distance(x, self._unique[candidates[:, i]]) for i in range(2)], 1)
+        second = (d[:, 1] < d[:, 0]) | ((d[:, 1] == d[:, 0]) & (lowest[:, 1] < lowest[:, 0]))
+        pick = second.long()
+        out = lowest.gather(1, pick.unsqueeze(1)).squeeze(1)
+        best = d.gather(1, pick.unsqueeze(1)).squeeze(1)
+        # Settled: every other motif is provably farther than the best candidate (strictly, so no lower
+        # index can tie with it). The rest are few, and often equal to each other: brute-force each once.
+        unsettled = (~(best < floor)).nonzero().squeeze(1)
+        if unsettled.numel():
+            rows, inverse = torch.unique(x[unsettled], dim=0, return_inverse=True)
+            out[unsettled] = _brute_force(rows, self.motifs)[inverse]
         return out
-    z = motifs.detach().to(torch.float64)
-    z_sq = (z * z).sum(1)
-    chunk = max(1, _CHUNK_ELEMENTS // max(k, 1))
-    for start in range(0, m, chunk):
-        x = blocks[start:start + chunk].detach().to(torch.float64)
-        d = torch.addmm(z_sq.unsqueeze(0), x, z.T, alpha=-2.0)  # |z|^2 - 2 x.z  (|x|^2 is constant per row)
-        out[start:start + chunk] = d.argmin(1)
+
+
+def _distance(x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """D of paired rows of float64 `x` and `z` ``(n, s)``, in the coordinate order of the definition."""
+    d = (x[:, 0] - z[:, 0]).square_()
+    for i in range(1, x.shape[1]):
+        d += (x[:, i] - z[:, i]).square_()
+    return d
+
+
+def _brute_force(x: torch.Tensor, motifs: torch.Tensor) -> torch.Tensor:
+    """The definition itself: argmin over all motifs of D (float64 `x` and `motifs`), chunked over rows."""
+    k, s = motifs.shape
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    chunk = max(1, _CHUNK_ELEMENTS // k)
+    columns = motifs.T.contiguous()
+    for start in range(0, x.shape[0], chunk):
+        rows = x[start:start + chunk]
+        d = (rows[:, 0:1] - columns[0]).square_()
+        for i in range(1, s):
+            d += (rows[:, i:i + 1] - columns[i]).square_()
+        out[start:start + rows.shape[0]] = d.argmin(1)  # argmin returns the first minimum
     return out
 
 
-def nearest(blocks: torch.Tensor, motifs: torch.Tensor) -> torch.Tensor:
-    """Index (int64, shape ``(m,)``) of the nearest motif for each row of `blocks` ``(m, s)``."""
-    return nearest_torch(blocks, motifs)
+class _KDTreeEngine:
+    """Two nearest distinct motifs per block from scipy's cKDTree, with a float64 floor for all others."""
+
+    def __init__(self, unique: torch.Tensor) -> None:
+        from scipy.spatial import cKDTree  # imported on first use: scipy.spatial takes ~0.5 s to import
+
+        self.tree = cKDTree(unique.numpy())
+
+    def candidates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate indices ``(n, 2)`` and a floor ``(n,)``: every other motif has D above it."""
+        distance, index = self.tree.query(x.numpy(), k=2, workers=torch.get_num_threads())
+        second = torch.from_numpy(distance[:, 1])
+        return torch.from_numpy(index), second.square() * (1 - _FLOAT64_SLACK)
+
+
+class _FaissEngine:
+    """Two nearest distinct motifs per block from faiss's float32 BLAS search, with a proven floor."""
+
+    def __init__(self, unique: torch.Tensor) -> None:
+        import faiss  # imported on first use: faiss takes ~0.3 s to import
+
+        self.faiss = faiss
+        self.index = faiss.IndexFlatL2(unique.shape[1])
+        self.index.add(unique.to(torch.float32).numpy())
+        # Bound on |faiss distance - D| is c (|x|^2 + |z|^2); see _FLOAT32_UNIT.
+        self.error = 2 * (2 * unique.shape[1] + 8) * _FLOAT32_UNIT
+
+    def candidates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidate indices ``(n, 2)`` and a floor ``(n,)``: every other motif has D above it.
+
+        Every other motif z has faiss distance f >= f2 (the second candidate's), and f <= D + c (|x|^2 +
+        |z|^2) <= D + c (3 |x|^2 + 2 D) since |z|^2 <= 2 |x|^2 + 2 D; so D >= (f2 - 3 c |x|^2) / (1 + 2 c).
+        """
+        previous = self.faiss.omp_get_max_threads()
+        self.faiss.omp_set_num_threads(torch.get_num_threads())
+        try:
+            distance, index = self.index.search(x.to(torch.float32).numpy(), 2)
+        finally:
+            self.faiss.omp_set_num_threads(previous)
+        index = torch.from_numpy(index)
+        c = self.error
+        floor = (torch.from_numpy(distance[:, 1]).to(torch.float64) - 3 * c * (x * x).sum(1) - _FLOAT32_TINY)
+        floor = floor / (1 + 2 * c) * (1 - _FLOAT64_SLACK)
+        # faiss answers -1 where it found no second motif (non-finite float32 distances): decide those by hand.
+        missing = (index < 0).any(1)
+        floor[missing | ~torch.isfinite(floor)] = -torch.inf
+        return index.clamp_(min=0), floor
