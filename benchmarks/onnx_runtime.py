@@ -1,0 +1,139 @@
+"""ONNX export and momos.runtime against a dense float32 ONNX baseline measured in the same run.
+
+    .venv/bin/python benchmarks/onnx_runtime.py [--runs 50]
+
+For the digits MLP (64 -> 256 x4 -> 10) and a ~10M-parameter MLP, both at s=4, c=0.05 with one global
+bank (weights as initialised: sizes and speed do not depend on training), prints:
+
+- file bytes of the dense and the momos ONNX, their ratio, and the goal c + ceil(log2 k)/(s*32);
+- median latency at batch 1 and 32 of dense, momos "folded" and momos "compact" (packed and native
+  mosaic layouts), as ratios to dense;
+- resident memory each session adds to its process (RSS after load and one run, minus RSS before).
+
+Every session runs in a fresh subprocess that imports only numpy, onnxruntime and momos.runtime, so
+resident memory is comparable and torch's own footprint stays out of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+BATCHES = (1, 32)
+
+
+def worker(path: str, weights: str, width: int, runs: int) -> dict[str, float]:
+    """Load `path` (weights None: plain onnxruntime, all optimizations) and time it; returns the figures."""
+    import numpy as np
+    import onnxruntime as ort
+    import psutil
+
+    from momos import runtime
+
+    process = psutil.Process()
+    before = process.memory_info().rss
+    if weights == "dense":
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        run = lambda x: session.run(None, {"input": x})  # noqa: E731
+    else:
+        momos_session = runtime.load(path, weights)
+        run = lambda x: momos_session.run({"input": x})  # noqa: E731
+    run(np.zeros((1, width), np.float32))
+    figures = {"rss_mib": (process.memory_info().rss - before) / 2**20}
+    rng = np.random.default_rng(0)
+    for batch in BATCHES:
+        x = rng.standard_normal((batch, width)).astype(np.float32)
+        for _ in range(3):
+            run(x)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            run(x)
+            times.append(time.perf_counter() - start)
+        figures[f"ms_b{batch}"] = 1e3 * float(np.median(times))
+    return figures
+
+
+def measure(path: str, weights: str, width: int, runs: int) -> dict[str, float]:
+    done = subprocess.run([sys.executable, __file__, "--worker", path, weights, str(width), str(runs)],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def bench(name: str, width: int, hidden: int, classes: int, runs: int, workdir: str) -> None:
+    import onnx
+    import torch
+
+    import momos
+    from momos.models import mlp
+    from momos.packed import index_bits, packed_tensors
+
+    torch.manual_seed(0)
+    model = mlp((width,), classes, hidden=hidden).eval()
+    params = sum(p.numel() for p in model.parameters())
+    config = momos.MoMosConfig(block_size=4, capacity=0.05)
+    prepared = momos.prepare(model, config)
+    momos.refresh(prepared)
+    packed = momos.convert(prepared).eval()
+    k = next(p.table.num_motifs for _, p in packed_tensors(packed))
+    bits = index_bits(k)
+    x = torch.randn(2, width)
+
+    dense_path = os.path.join(workdir, f"{name}-dense.onnx")
+    program = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["output"],
+                                dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), verbose=False)
+    proto = program.model_proto
+    proto.ir_version = 10  # onnx writes a newer IR than onnxruntime reads
+    onnx.save(proto, dense_path)
+    paths = {"dense": dense_path}
+    for layout in ("packed", "native"):
+        paths[layout] = os.path.join(workdir, f"{name}-{layout}.onnx")
+        momos.export.to_onnx(packed, x, paths[layout], mosaic_layout=layout)
+
+    dense_bytes = os.path.getsize(dense_path)
+    goal = config.capacity + bits / (config.block_size * 32)
+    print(f"\n== {name}: {params:,} parameters, s={config.block_size}, c={config.capacity}, k={k}, "
+          f"ceil(log2 k)={bits}")
+    print(f"file bytes: dense {dense_bytes:,}")
+    for layout in ("packed", "native"):
+        size = os.path.getsize(paths[layout])
+        ratio = size / dense_bytes
+        print(f"file bytes: momos {layout:6s} {size:,}  ratio {ratio:.4f}  goal c+bits/(s*32) = {goal:.4f}  "
+              f"off by {100 * (ratio - goal) / goal:+.1f}%")
+
+    rows = [("dense", "dense", paths["dense"]), ("folded", "folded", paths["packed"]),
+            ("compact packed", "compact", paths["packed"]), ("compact native", "compact", paths["native"])]
+    results = {label: measure(path, weights, width, runs) for label, weights, path in rows}
+    base = results["dense"]
+    print(f"{'session':16s} {'ms b=1':>8s} {'x dense':>8s} {'ms b=32':>8s} {'x dense':>8s} {'RSS MiB':>8s} "
+          f"{'x dense':>8s}")
+    for label, _, _ in rows:
+        r = results[label]
+        print(f"{label:16s} {r['ms_b1']:8.3f} {r['ms_b1'] / base['ms_b1']:8.2f} {r['ms_b32']:8.3f} "
+              f"{r['ms_b32'] / base['ms_b32']:8.2f} {r['rss_mib']:8.1f} "
+              f"{r['rss_mib'] / base['rss_mib']:8.2f}")
+    print("goals: folded/dense latency <= 1.05; compact/dense latency <= 5")
+    print(f"dense float32 weights: {params * 4 / 2**20:.1f} MiB; compressed payload: "
+          f"{(k * config.block_size * 4 + math.ceil(params / 4) * bits / 8) / 2**20:.2f} MiB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=50, help="timed runs per batch size (median reported)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as workdir:
+        bench("digits MLP", 64, 256, 10, args.runs, workdir)
+        bench("10M MLP", 1024, 1664, 10, args.runs, workdir)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))))
+    else:
+        main()
