@@ -160,6 +160,9 @@ class RefreshStats:
                 f"{self.weights_changed} weights changed, rmse {self.rmse:.4g}")
 
 
+# Elements per step of a refresh's assignment and write-back: bounds its temporaries whatever the model size.
+_REFRESH_CHUNK = 1 << 22
+
 # A member of a bank: its fully-qualified tensor name, the parametrized module, and the tensor's name there.
 Member = tuple[str, nn.Module, str]
 
@@ -178,16 +181,17 @@ def refresh_bank(bank: MotifBank, members: list[Member]) -> tuple[BankStats, lis
 
     Draws a new bank from the current blocks, assigns each block to its nearest motif and, in hard
     mode, writes the reconstruction into the weights. In STE mode the latent weights are left alone.
+    Extra memory: one copy of the blocks (while the bank is drawn, and only if the tensors are several
+    or padded) and the draw's permutation; assignment and write-back run in chunks of `_REFRESH_CHUNK`.
     """
     config = bank.config
     s = bank.block_size
     with torch.no_grad():
-        parts = []
-        for name, module, tensor_name in members:
-            weight = latent(module, tensor_name)
+        weights = [latent(module, tensor_name) for _, module, tensor_name in members]
+        for (name, _, _), weight in zip(members, weights, strict=True):
             if not torch.isfinite(weight).all():
                 raise MoMosValueError(f"tensor {name!r} holds NaN or Inf values; cannot refresh it")
-            parts.append(to_blocks(weight, s))
+        parts = [to_blocks(weight, s) for weight in weights]
         blocks = parts[0] if len(parts) == 1 else torch.cat(parts)
         del parts
         motifs = sample_motifs(blocks, bank.num_motifs, force_zero=config.force_zero, generator=bank.generator())
@@ -196,26 +200,32 @@ def refresh_bank(bank: MotifBank, members: list[Member]) -> tuple[BankStats, lis
         # Round through the stored dtype so the weights written are exactly what the packed form decodes.
         stored = motifs.to(bank.motifs.dtype)
         motifs = stored.to(blocks.dtype)
-        mosaic = assign.nearest(blocks, motifs)
         del blocks
+        search = assign.MotifSearch(motifs, num_queries=bank.num_blocks)
 
-        tensor_stats, start = [], 0
+        tensor_stats = []
         usage = torch.zeros(bank.num_motifs, dtype=torch.int64)
-        for name, module, tensor_name in members:
+        chunk = max(1, _REFRESH_CHUNK // s) * s  # whole blocks, so only a tensor's last chunk is padded
+        for (name, module, tensor_name), weight in zip(members, weights, strict=True):
             param = momos_of(module, tensor_name)
-            weight = latent(module, tensor_name)
-            own = mosaic[start:start + param.num_blocks]
-            start += param.num_blocks
-            new = reconstruct(motifs, own, param.shape, dtype=weight.dtype)
-            diff = (weight - new).to(torch.float64)
-            distortion = float((diff * diff).sum())
-            changed = int((weight != new).sum())
-            del diff
-            if config.mode == "hard":
-                weight.copy_(new)
-            param.mosaic.copy_(own)
+            table = motifs.to(weight.dtype)
+            flat = weight.view(-1) if weight.is_contiguous() else weight.flatten()  # a copy if not contiguous
+            distortion, changed = 0.0, 0
+            counts = torch.zeros(bank.num_motifs, dtype=torch.int64)
+            for start in range(0, flat.numel(), chunk):
+                part = flat[start:start + chunk]
+                own = search.nearest(to_blocks(part, s))
+                new = reconstruct(table, own, part.shape)
+                diff = (part - new).to(torch.float64)
+                distortion += float((diff * diff).sum())
+                changed += int((part != new).sum())
+                if config.mode == "hard":
+                    part.copy_(new)
+                param.mosaic[start // s:start // s + own.numel()].copy_(own)
+                counts += torch.bincount(own, minlength=bank.num_motifs)
+            if config.mode == "hard" and not weight.is_contiguous():
+                weight.copy_(flat.view(weight.shape))
             param.distortion.fill_(distortion)
-            counts = torch.bincount(own, minlength=bank.num_motifs)
             usage += counts
             tensor_stats.append(TensorStats(name, bank.name, param.numel, param.num_blocks, bank.num_motifs,
                                             distortion, changed, counts))
