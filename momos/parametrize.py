@@ -20,6 +20,7 @@ from momos.bank import kmeans_motifs, sample_motifs
 from momos.blocks import num_blocks, reconstruct, to_blocks
 from momos.config import MoMosConfig
 from momos.errors import MoMosValueError
+from momos.incremental import MosaicTracker
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -75,21 +76,34 @@ class MoMosParametrization(nn.Module):
         self.numel = math.prod(self.shape)
         self.register_buffer("mosaic", torch.zeros(num_blocks(self.numel, bank.block_size), dtype=torch.int64))
         self.register_buffer("distortion", torch.full((), math.nan, dtype=torch.float64))
+        self.tracker = MosaicTracker()  # STE: follows the latent blocks' nearest motifs between calls
 
     @property
     def num_blocks(self) -> int:
         return self.mosaic.shape[0]
 
     def momos_weight(self, latent: torch.Tensor) -> torch.Tensor:
-        """The MoMos weight of `latent` under the current bank (latent blocks assigned afresh)."""
-        motifs = self.bank.motifs.to(latent.dtype)
-        mosaic = assign.nearest(to_blocks(latent, self.bank.block_size), motifs)
-        return reconstruct(motifs, mosaic, self.shape)
+        """The MoMos weight of `latent` under the current bank: each latent block replaced by its nearest
+        motif (``assign.nearest``). Eagerly, only blocks that may have changed their nearest motif since the
+        previous call are searched again (`momos.incremental`); compiled, every block is."""
+        motifs = self.bank.motifs
+        blocks = to_blocks(latent, self.bank.block_size)
+        if torch.compiler.is_compiling():
+            mosaic = assign.nearest(blocks, motifs.to(latent.dtype))
+        else:
+            mosaic = self.tracker.mosaic(blocks, motifs, self.mosaic)
+        return reconstruct(motifs.to(latent.dtype), mosaic, self.shape)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        if self.bank.config.mode == "hard" or not self.bank.refreshed:
+        if self.bank.config.mode == "hard":
             return latent
         # Exactly the MoMos weight in value (latent - latent.detach() is exactly zero), identity in gradient.
+        if torch.compiler.is_compiling():
+            # Branch on the refresh count inside the graph: no .item() graph break, no recompile per refresh.
+            ste = self.momos_weight(latent) + (latent - latent.detach())
+            return torch.where(self.bank.refreshes > 0, ste, latent)
+        if not self.bank.refreshed:
+            return latent
         return self.momos_weight(latent) + (latent - latent.detach())
 
     def extra_repr(self) -> str:

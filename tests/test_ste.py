@@ -1,0 +1,94 @@
+"""The STE forward's incremental assignment equals a full assignment, however the blocks move."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import momos
+from momos import assign
+from momos.api import prepared_tensors
+from momos.blocks import to_blocks
+from momos.incremental import NEIGHBORS, MosaicTracker, assign_with_slack, motif_index
+
+
+def _bank(seed: int, k: int, s: int, duplicates: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    motifs = torch.randn(k, s, generator=g)
+    if duplicates and k > 2:
+        motifs[1] = motifs[2]  # a tie on every block nearest to it
+    motifs[0] = 0
+    return motifs
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.sampled_from([1, 2, 7, NEIGHBORS, 3 * NEIGHBORS]),
+       s=st.sampled_from([1, 2, 4]), duplicates=st.booleans(),
+       scales=st.lists(st.sampled_from([0.0, 1e-4, 1e-2, 0.3, 3.0]), min_size=1, max_size=6))
+def test_tracker_equals_full_assignment_along_a_random_walk(seed: int, k: int, s: int, duplicates: bool,
+                                                            scales: list[float]) -> None:
+    g = torch.Generator().manual_seed(seed + 1)
+    motifs = _bank(seed, k, s, duplicates)
+    blocks = torch.randn(300, s, generator=g)
+    blocks[:20] = motifs[torch.arange(20) % k]  # blocks exactly on motifs, some on duplicated ones
+    tracker = MosaicTracker()
+    guess = torch.randint(0, k, (300,), generator=g)  # any start mosaic must give the same answer
+    for scale in [0.0, *scales]:
+        blocks = blocks + scale * torch.randn(blocks.shape, generator=g)
+        assert torch.equal(tracker.mosaic(blocks, motifs, guess), assign.nearest(blocks, motifs))
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.sampled_from([2, 5, 3 * NEIGHBORS]))
+def test_slack_is_a_safe_radius(seed: int, k: int) -> None:
+    """Any move shorter than the slack keeps the nearest motif (checked on the slack's own boundary)."""
+    g = torch.Generator().manual_seed(seed)
+    motifs = torch.randn(k, 3, generator=g, dtype=torch.float64)
+    blocks = torch.randn(200, 3, generator=g, dtype=torch.float64)
+    nearest, slack = assign_with_slack(blocks, torch.zeros(200, dtype=torch.int64), motif_index(motifs,
+                                                                                               torch.float64))
+    assert torch.equal(nearest, assign.nearest(blocks, motifs))
+    safe = slack > 0
+    direction = torch.nn.functional.normalize(torch.randn(200, 3, generator=g, dtype=torch.float64), dim=1)
+    moved = blocks + direction * slack.clamp_min(0).sqrt().unsqueeze(1) * 0.999
+    assert torch.equal(assign.nearest(moved[safe], motifs), nearest[safe])
+
+
+def test_tracker_reassigns_only_moved_blocks_and_restarts_on_a_new_bank() -> None:
+    g = torch.Generator().manual_seed(0)
+    motifs = torch.randn(50, 4, generator=g)
+    blocks = torch.randn(1000, 4, generator=g)
+    tracker = MosaicTracker()
+    tracker.mosaic(blocks, motifs, torch.zeros(1000, dtype=torch.int64))
+    assert tracker.reassigned == 1000
+    tracker.mosaic(blocks, motifs, torch.zeros(1000, dtype=torch.int64))
+    assert tracker.reassigned == 0
+    blocks[:10] += 5.0
+    assert torch.equal(tracker.mosaic(blocks, motifs, torch.zeros(1000, dtype=torch.int64)),
+                       assign.nearest(blocks, motifs))
+    assert 0 < tracker.reassigned <= 10
+    motifs.copy_(torch.randn(50, 4, generator=g))  # an in-place refresh
+    assert torch.equal(tracker.mosaic(blocks, motifs, torch.zeros(1000, dtype=torch.int64)),
+                       assign.nearest(blocks, motifs))
+    assert tracker.reassigned == 1000
+
+
+def test_ste_training_forward_is_the_full_assignment_at_every_step() -> None:
+    torch.manual_seed(0)
+    model = momos.prepare(torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4)),
+                          momos.MoMosConfig(block_size=2, capacity=0.2, mode="ste"))
+    momos.refresh(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    for step in range(12):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step == 6:
+            momos.refresh(model)
+        for _, param, latent in prepared_tensors(model):
+            motifs = param.bank.motifs
+            expected = motifs[assign.nearest(to_blocks(latent, 2), motifs)].reshape(-1)[:param.numel]
+            assert torch.equal(param(latent).detach().reshape(-1), expected)
