@@ -1,0 +1,97 @@
+"""Prepared models under DistributedDataParallel (2 gloo processes): replicas stay identical, refreshes
+agree without communication, and training equals one process on the same global batch."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import momos
+from momos.distributed import exclude_from_ddp_sync
+from momos.parametrize import MoMosParametrization, MotifBank
+
+WORLD = 2
+STEPS = 6
+REFRESH_EVERY = 2
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def _model(mode: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 3))
+    return momos.prepare(model, momos.MoMosConfig(block_size=2, capacity=0.25, mode=mode))
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 12, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(STEPS)]
+
+
+def _train(model: nn.Module, rank: int, world: int) -> None:
+    """STEPS AdamW steps, each on this rank's contiguous share of the global batch, refreshing the
+    (wrapped or plain) model every REFRESH_EVERY steps and once before training."""
+    momos.refresh(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    for step, (x, y) in enumerate(_batches(), 1):
+        share = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        loss = nn.functional.cross_entropy(model(x[share]), y[share])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % REFRESH_EVERY == 0:
+            stats = momos.refresh(model)
+            assert all(name.startswith("module.") for name in stats.tensors) == (world > 1)
+
+
+def _worker(rank: int, port: int, mode: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        model = _model(mode)
+        excluded = exclude_from_ddp_sync(model)
+        ddp = DistributedDataParallel(model)
+        synced = {id(b) for b in ddp.modules_buffers}
+        momos_buffers = {id(b) for m in model.modules() if isinstance(m, (MotifBank, MoMosParametrization))
+                         for b in m.buffers(recurse=False)}
+        assert excluded and not synced & momos_buffers
+        _train(ddp, rank, WORLD)
+        torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["hard", "ste"])
+def test_ddp_replicas_agree_and_match_one_process(mode: str, tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(_free_port(), mode, str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    single = _model(mode)
+    _train(single, 0, 1)
+    expected = single.state_dict()
+    assert ranks[0].keys() == expected.keys()
+    assert any(k.endswith("motifs") for k in expected) and any(k.endswith("mosaic") for k in expected)
+    for key, value in expected.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), f"{key} differs between ranks"
+        if value.is_floating_point():
+            torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-6, equal_nan=True, msg=key)
+        else:
+            assert torch.equal(ranks[0][key], value), f"{key} differs from the single-process run"
+    assert int(ranks[0]["0.parametrizations.weight.0.bank.refreshes"]) == 1 + STEPS // REFRESH_EVERY
+
+
+def test_exclude_from_ddp_sync_needs_a_prepared_model() -> None:
+    with pytest.raises(momos.MoMosStateError, match="prepare"):
+        exclude_from_ddp_sync(nn.Linear(2, 2))
