@@ -221,3 +221,15 @@ class MosaicTracker:
             self._slack[moved] = slack.to(work)
             self._blocks[moved] = rows.to(work)
         return self._mosaic
+
+
+@torch.library.custom_op("momos::nearest", mutates_args=())
+def nearest_op(blocks: torch.Tensor, motifs: torch.Tensor) -> torch.Tensor:
+    """``assign.nearest`` as one opaque operator, so torch.compile captures it whole (the engines branch on
+    data and leave torch for faster libraries, which a compiled graph cannot trace)."""
+    return assign.nearest(blocks, motifs).to(blocks.device)
+
+
+@nearest_op.register_fake
+def _(blocks: torch.Tensor, motifs: torch.Tensor) -> torch.Tensor:
+    return blocks.new_empty(blocks.shape[0], dtype=torch.int64)

@@ -20,7 +20,7 @@ from momos.bank import kmeans_motifs, sample_motifs
 from momos.blocks import num_blocks, reconstruct, to_blocks
 from momos.config import MoMosConfig
 from momos.errors import MoMosValueError
-from momos.incremental import MosaicTracker
+from momos.incremental import MosaicTracker, nearest_op
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -89,7 +89,7 @@ class MoMosParametrization(nn.Module):
         motifs = self.bank.motifs
         blocks = to_blocks(latent, self.bank.block_size)
         if torch.compiler.is_compiling():
-            mosaic = assign.nearest(blocks, motifs.to(latent.dtype))
+            mosaic = nearest_op(blocks, motifs.to(latent.dtype))
         else:
             mosaic = self.tracker.mosaic(blocks, motifs, self.mosaic)
         return reconstruct(motifs.to(latent.dtype), mosaic, self.shape)
@@ -175,7 +175,7 @@ class RefreshStats:
 
 
 # Elements per step of a refresh's assignment and write-back: bounds its temporaries whatever the model size.
-_REFRESH_CHUNK = 1 << 22
+_REFRESH_CHUNK = 1 << 16
 
 # A member of a bank: its fully-qualified tensor name, the parametrized module, and the tensor's name there.
 Member = tuple[str, nn.Module, str]
