@@ -45,7 +45,7 @@ KDTREE_RULES = ((4, 128), (8, 6000))  # (largest block size, fewest motifs) wher
 # Elements of the largest temporary (rows x motifs) float64 array of the torch engine.
 _CHUNK_ELEMENTS = 1 << 21
 # Blocks per query of a fast engine: bounds its float64 copies and results (~100 bytes a row).
-_QUERY_ROWS = 1 << 16
+_QUERY_ROWS = 1 << 14
 # faiss computes |x|^2 + |z|^2 - 2 x.z in float32. Each of the three terms, their sum and the rounding of
 # float64 inputs to float32 err by at most (2s + 8) u (|x|^2 + |z|^2) with u = 2^-24; `_FaissEngine`
 # uses twice that.
