@@ -33,7 +33,7 @@ _LAZY = {
     "prepare": "momos.api",
     "refresh": "momos.api",
     "convert": "momos.api",
-    "report": "momos.report",
+    "report": "momos.reporting",
     "save": "momos.format",
     "load": "momos.format",
     "inspect": "momos.format",
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from momos.api import convert, prepare, refresh
     from momos.format import inspect, load, save
     from momos.parametrize import RefreshStats
-    from momos.report import report
+    from momos.reporting import report
     from momos.schedule import refresh_every
 
 
