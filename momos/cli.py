@@ -1,0 +1,520 @@
+"""The `momos` command: the demo, sweeps, compressing a user's model, and inspecting, exporting, measuring files.
+
+    momos demo [--out DIR] [--epochs N] [--seed S] [--block-size S] [--capacity C]
+    momos sweep --model mlp|cnn|vit [--block-sizes 2,4,8] [--capacities 0.005,0.01] [--seeds 3] [--data X.npz]
+    momos compress --model pkg.module:factory --weights state_dict.pt [--finetune data.npz] -o model.momos
+    momos inspect FILE.momos|FILE.onnx [--json]
+    momos export FILE.momos --model pkg.module:factory --input-shape 1,8,8 -o model.onnx
+    momos complexity [demo | FILE.momos | FILE.pt | pkg.module:factory] [--model pkg.module:factory]
+
+Exit status: 0 on success, 2 on usage errors (bad arguments, missing or unusable input files, a model
+spec that does not import), 1 on failures. Errors print one line to stderr; ``--debug`` adds the
+traceback. Progress bars go to stderr and only when it is a terminal; ``--quiet`` silences them and the
+status lines. Results go to stdout (``--json`` for machine-readable output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import logging
+import math
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from momos.errors import MoMosConfigError, MoMosError, MoMosSelectionError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# Epochs of `momos demo`: measured to reach good accuracy within the demo's 3-minute budget on 2 cores.
+DEMO_EPOCHS = 30
+MODEL_NAMES = ("mlp", "cnn", "vit")
+
+
+class UsageError(MoMosError):
+    """The command line asks for something that cannot work (exit status 2); the message says what."""
+
+
+# Errors about what the user asked for, as opposed to failures while doing it.
+_USAGE_ERRORS = (UsageError, MoMosConfigError, MoMosSelectionError)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument types: each raises argparse.ArgumentTypeError, which argparse turns into exit status 2.
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"file {text!r} does not exist")
+    return path
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _capacity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"capacity must be a number in (0, 1], got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"capacity must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def _list_of(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        values = [item(part.strip()) for part in text.split(",") if part.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        return values
+
+    return parse
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(_list_of(_positive_int)(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+
+def load_factory(spec: str) -> Callable[[], Any]:
+    """The callable named by ``"pkg.module:factory"`` (a dotted attribute path after the colon is allowed).
+
+    The current directory is importable, as with ``python -m``. Anything that goes wrong is a `UsageError`.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"--model must look like 'pkg.module:factory', got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(f"--model {spec!r}: cannot import module {module_name!r}: {e}") from e
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise UsageError(f"--model {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise UsageError(f"--model {spec!r}: {attr!r} is not callable")
+    return target
+
+
+def build_user_model(spec: str) -> Any:
+    """``factory()`` for the spec, checked to be a torch module."""
+    from torch import nn
+
+    model = load_factory(spec)()
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--model {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_state_dict(path: Path) -> dict[str, Any]:
+    """A state_dict saved with torch.save, read with ``weights_only=True`` (no arbitrary code runs)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for unusable files
+        raise UsageError(f"--weights {str(path)!r} is not a state_dict torch.load(weights_only=True) can read: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    if not isinstance(state, dict):
+        raise UsageError(f"--weights {str(path)!r} holds a {type(state).__name__}, not a state_dict")
+    return state
+
+
+def load_weights(model: Any, path: Path) -> None:
+    """Load the state_dict at `path` into `model`, strictly: every key must match."""
+    try:
+        model.load_state_dict(load_state_dict(path))
+    except RuntimeError as e:
+        raise UsageError(f"--weights {str(path)!r} does not fit the model: {e}") from e
+
+
+def load_data(path: Path | None, seed: int) -> tuple[Any, str]:
+    """``(Dataset, name)``: digits when `path` is None, else the user's .npz (arrays X and y)."""
+    from momos.data import digits, load_npz
+    from momos.errors import MoMosFormatError
+
+    if path is None:
+        return digits(seed=seed), "digits"
+    try:
+        return load_npz(path, seed=seed), path.name
+    except MoMosFormatError as e:  # the file does not meet the documented contract: a usage error
+        raise UsageError(str(e)) from e
+
+
+def _emit_json(data: dict[str, Any]) -> None:
+    from momos.experiments import to_json
+
+    print(to_json(data))
+
+
+class _Console:
+    """Where status lines and progress bars go: stderr, silenced by --quiet; bars only on a terminal."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.progress = not quiet and sys.stderr.isatty()
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            print(f"momos: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subcommands: each takes the parsed arguments and a console, prints its result, returns an exit status.
+
+def cmd_demo(args: argparse.Namespace, console: _Console) -> int:
+    from momos.config import MoMosConfig
+    from momos.experiments import demo
+
+    MoMosConfig(block_size=args.block_size, capacity=args.capacity, seed=args.seed)  # fail before training
+    result = demo(args.out, epochs=args.epochs, seed=args.seed, block_size=args.block_size,
+                  capacity=args.capacity, progress=console.progress, log=console.log)
+    if args.json:
+        _emit_json(result.to_dict())
+    else:
+        print(result)
+        print(f"\nwrote {', '.join(sorted(Path(p).name for p in result.plots.values()))}, summary.json, "
+              f"dense.pt, mlp.momos and mlp.onnx to {args.out} in {result.seconds:.0f} s")
+    return EXIT_OK
+
+
+def cmd_sweep(args: argparse.Namespace, console: _Console) -> int:
+    from momos import plots
+    from momos.config import MoMosConfig
+    from momos.experiments import sweep, write_csv
+
+    for s in args.block_sizes:  # fail before training
+        for c in args.capacities:
+            MoMosConfig(block_size=s, capacity=c)
+    data, data_name = load_data(args.data, args.split_seed)
+    rows = sweep(args.model, data, block_sizes=args.block_sizes, capacities=args.capacities, seeds=args.seeds,
+                 epochs=args.epochs, data_name=data_name, progress=console.progress, log=console.log)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"sweep_{args.model}"
+    write_csv(rows, out / f"{stem}.csv")
+    plots.accuracy_vs_capacity(rows, out / f"{stem}.png",
+                               title=f"{args.model} on {data_name}: accuracy against capacity "
+                                     f"({args.seeds} seed{'s' * (args.seeds > 1)}, {args.epochs} epochs)")
+    print(_sweep_table(rows))
+    print(f"\nwrote {stem}.csv ({len(rows)} runs) and {stem}.png to {out}")
+    return EXIT_OK
+
+
+def _sweep_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Mean test accuracy over seeds per (block size, capacity), dense first."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["block_size"] or 0, r["capacity"] or 0.0), []).append(r)
+    lines = [f"{'method':<8} {'s':>3} {'capacity':>9} {'k':>7} {'bits/weight':>11} {'accuracy':>9} {'seeds':>5}"]
+    for (s, c), group in sorted(groups.items()):
+        first = group[0]
+        mean = sum(r["test_accuracy"] for r in group) / len(group)
+        lines.append(f"{first['method']:<8} {s or '-':>3} {c or '-':>9} {first['num_motifs'] or '-':>7} "
+                     f"{first['bits_per_weight']:>11.3f} {mean:>9.2%} {len(group):>5}")
+    return "\n".join(lines)
+
+
+def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
+    import momos
+    from momos.experiments import OPTIMIZERS
+    from momos.train import evaluate, fit
+
+    config = momos.MoMosConfig(block_size=args.block_size, capacity=args.capacity, seed=args.seed)
+    data = load_data(args.finetune, args.seed)[0] if args.finetune else None
+    model = build_user_model(args.model)
+    load_weights(model, args.weights)
+    accuracy: dict[str, float] = {}
+    if data is not None:
+        accuracy["dense"] = evaluate(model, data.x_test, data.y_test)
+    prepared = momos.prepare(model, config)
+    console.log("projecting the weights onto a mosaic of motifs")
+    momos.refresh(prepared)
+    if data is not None:
+        accuracy["momos_before_finetune"] = evaluate(prepared, data.x_test, data.y_test)
+        console.log(f"fine-tuning for {args.epochs} epochs with a refresh after each")
+        history = fit(prepared, data, epochs=args.epochs, refresh="epoch", optimizer=OPTIMIZERS["mlp"],
+                      lr=args.lr, seed=args.seed, progress=console.progress, desc="fine-tune")
+        accuracy["momos"] = history.final_accuracy
+    packed = momos.convert(prepared)
+    momos.save(packed, args.output)
+    rep = momos.report(packed)
+    file_bytes = Path(args.output).stat().st_size
+    if args.json:
+        _emit_json({"report": rep.to_dict(), "file": {"path": str(args.output), "bytes": file_bytes},
+                    "accuracy": accuracy or None})
+        return EXIT_OK
+    print(rep)
+    print(f"\n{args.output}: {file_bytes:,} bytes ({8 * file_bytes / rep.numel:.3f} bits per weight on disk, "
+          f"float32: {4 * rep.numel:,} bytes of weights)")
+    if accuracy:
+        print("test accuracy: " + ", ".join(f"{k.replace('_', ' ')} {v:.2%}" for k, v in accuracy.items()))
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace, console: _Console) -> int:
+    suffix = args.file.suffix.lower()
+    if suffix == ".momos":
+        from momos.format import inspect
+    elif suffix == ".onnx":
+        from momos.runtime import inspect
+    else:
+        raise UsageError(f"cannot inspect {str(args.file)!r}: expected a .momos or .onnx file")
+    info = inspect(args.file)
+    if args.json:
+        _emit_json(info.to_dict())
+    else:
+        print(info)
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace, console: _Console) -> int:
+    import numpy as np
+    import torch
+
+    import momos
+    from momos import runtime
+    from momos.export import to_onnx
+
+    if args.file.suffix.lower() != ".momos":
+        raise UsageError(f"export reads a .momos file, got {str(args.file)!r}")
+    packed = momos.load(args.file, build_user_model(args.model))
+    packed.eval()
+    example = torch.randn((2, *args.input_shape), generator=torch.Generator().manual_seed(0))
+    console.log(f"exporting {args.file} with input shape {list(args.input_shape)} (batch dimension dynamic)")
+    to_onnx(packed, example[:1], args.output)
+    session = runtime.load(args.output, weights="compact")
+    with torch.no_grad():
+        expected = packed(example)
+    if not isinstance(expected, torch.Tensor):
+        raise MoMosError("export checks models with a single tensor output; this model returns "
+                         f"{type(expected).__name__}")
+    got = session.run({session.input_names[0]: example.numpy()})[session.output_names[0]]
+    diff = float(np.abs(got - expected.numpy()).max())
+    print(f"{args.output}: {Path(args.output).stat().st_size:,} bytes (from {args.file}: "
+          f"{args.file.stat().st_size:,} bytes); onnxruntime matches torch to {diff:.1e}")
+    return EXIT_OK
+
+
+def cmd_complexity(args: argparse.Namespace, console: _Console) -> int:
+    from momos import complexity
+
+    target = args.target
+    if target == "demo":
+        from momos.experiments import train_demo_models
+
+        trained = train_demo_models(epochs=args.epochs, seed=args.seed, progress=console.progress,
+                                    log=console.log)
+        initial, dense, packed = trained.initial, trained.dense, trained.packed
+        momos_summary = complexity.summary(packed, initial=initial, dense=dense)
+        dense_summary = complexity.summary(dense, initial=initial)
+        ratios = {"trained_over_initial": dense_summary.trained_over_initial["bdm"],
+                  "momos_over_dense": momos_summary.momos_over_dense["bdm"]}
+        if args.json:
+            _emit_json({"bdm": ratios, "dense": dense_summary.to_dict(), "momos": momos_summary.to_dict()})
+            return EXIT_OK
+        print(f"BDM ratio trained / initial (dense MLP): {ratios['trained_over_initial']:.4f}")
+        print(f"BDM ratio MoMos / dense:                 {ratios['momos_over_dense']:.4f}")
+        print(f"\nMoMos MLP (model) against its initial weights and the dense MLP:\n{momos_summary}")
+        return EXIT_OK
+
+    if args.model is None:
+        raise UsageError(f"complexity of {target!r} needs --model pkg.module:factory (the architecture)")
+    path = Path(target)
+    if path.suffix.lower() in (".momos", ".pt", ".pth"):
+        if not path.is_file():
+            raise UsageError(f"file {target!r} does not exist")
+    elif ":" not in target:
+        raise UsageError(f"expected 'demo', a .momos or .pt file, or pkg.module:factory, got {target!r}")
+    import torch
+
+    torch.manual_seed(args.seed)
+    initial = _reinitialized(build_user_model(args.model))
+    if path.suffix.lower() == ".momos":
+        import momos
+
+        model = momos.load(path, build_user_model(args.model))
+    elif path.suffix.lower() in (".pt", ".pth"):
+        model = build_user_model(args.model)
+        load_weights(model, path)
+    else:
+        model = build_user_model(target)
+    dense = None
+    if args.dense is not None:
+        dense = build_user_model(args.model)
+        load_weights(dense, args.dense)
+    result = complexity.summary(model, initial=initial, dense=dense)
+    if args.json:
+        _emit_json(result.to_dict())
+        return EXIT_OK
+    print(f"BDM ratio model / initial: {result.trained_over_initial['bdm']:.4f}")
+    if dense is not None:
+        print(f"BDM ratio model / dense:   {result.momos_over_dense['bdm']:.4f}")
+    print(f"\n{result}")
+    return EXIT_OK
+
+
+def _reinitialized(model: Any) -> Any:
+    """A copy of `model` with every module that has ``reset_parameters`` freshly initialized."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `momos` argument parser (every subcommand has --help, --quiet and --debug)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
+    common.add_argument("--debug", action="store_true", help="show tracebacks and library warnings")
+
+    parser = argparse.ArgumentParser(
+        prog="momos",
+        description="Mosaic-of-Motifs: compress PyTorch models into a bank of motifs and a mosaic of indices.")
+    from momos import __version__
+
+    parser.add_argument("--version", action="version", version=f"momos {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, handler: Callable[[argparse.Namespace, _Console], int], help_text: str,
+                description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=description)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = command("demo", cmd_demo, "train the paper's MLP on digits dense and with MoMos, compare, plot",
+                "Train the paper's MLP (input -> 256 x4 -> 10) on scikit-learn's digits, dense and with MoMos; "
+                "convert, save a .momos file, export ONNX, check onnxruntime against torch, print one table "
+                "and write plots and summary.json into --out. Seeded and repeatable.")
+    p.add_argument("--out", default="momos-demo", help="output folder (default: %(default)s)")
+    p.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS, help="epochs (default: %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of data split, init and banks (default: 0)")
+    p.add_argument("--block-size", type=_positive_int, default=4, help="block size s (default: 4)")
+    p.add_argument("--capacity", type=_capacity, default=0.05, help="capacity c in (0, 1] (default: 0.05)")
+    p.add_argument("--json", action="store_true", help="print the JSON summary instead of the table")
+
+    p = command("sweep", cmd_sweep, "accuracy against capacity per block size (the paper's Figure 4)",
+                "Train a reference model dense and with MoMos for every block size and capacity, for several "
+                "seeds; write a CSV of every run and a PNG of accuracy against capacity.")
+    p.add_argument("--model", choices=MODEL_NAMES, default="mlp", help="reference model (default: mlp)")
+    p.add_argument("--block-sizes", type=_list_of(_positive_int), default=[2, 4, 8], metavar="S,S,...",
+                   help="block sizes (default: 2,4,8)")
+    p.add_argument("--capacities", type=_list_of(_capacity), default=[0.005, 0.01, 0.05, 0.1], metavar="C,C,...",
+                   help="capacities (default: 0.005,0.01,0.05,0.1)")
+    p.add_argument("--seeds", type=_positive_int, default=3, help="number of seeds, 0..N-1 (default: 3)")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="epochs per run (default: 10)")
+    p.add_argument("--data", type=_existing_file, metavar="FILE.npz",
+                   help="your data: an .npz with arrays X (samples first) and y (integer labels); default digits")
+    p.add_argument("--split-seed", type=_seed, default=0, help="seed of the 80/20 train/test split (default: 0)")
+    p.add_argument("--out", default="momos-sweep", help="output folder (default: %(default)s)")
+
+    p = command("compress", cmd_compress, "compress a trained model of yours into a .momos file",
+                "Post-training MoMos compression of your model: build it with FACTORY, load the state_dict "
+                "(torch.load weights_only=True), project it onto a mosaic of motifs, optionally fine-tune with "
+                "a refresh after every epoch, save the .momos file and print the report.")
+    p.add_argument("--model", required=True, metavar="pkg.module:factory",
+                   help="a callable that builds the (untrained) model; the current directory is importable")
+    p.add_argument("--weights", required=True, type=_existing_file, metavar="STATE_DICT.pt",
+                   help="the trained state_dict (torch.save(model.state_dict(), ...))")
+    p.add_argument("--block-size", type=_positive_int, default=4, help="block size s (default: 4)")
+    p.add_argument("--capacity", type=_capacity, default=0.05, help="capacity c in (0, 1] (default: 0.05)")
+    p.add_argument("--finetune", type=_existing_file, metavar="DATA.npz",
+                   help="fine-tune on this .npz (arrays X and y; 80/20 split) to recover accuracy")
+    p.add_argument("--epochs", type=_positive_int, default=5, help="fine-tuning epochs (default: 5)")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning AdamW learning rate (default: 3e-4)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the bank draws and the split (default: 0)")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="MODEL.momos", help="the file to write")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = command("inspect", cmd_inspect, "show what a .momos or momos .onnx file holds",
+                "Print the config, banks, tensors, k, bits and sizes of a .momos file or a momos-exported "
+                ".onnx file (headers only: no weight is decoded).")
+    p.add_argument("file", type=_existing_file, metavar="FILE")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = command("export", cmd_export, "export a .momos file to ONNX (weights stay compressed)",
+                "Load a .momos file into the model FACTORY builds, export it to ONNX with the mosaics and "
+                "motifs as initializers, and check onnxruntime against torch on a random input.")
+    p.add_argument("file", type=_existing_file, metavar="FILE.momos")
+    p.add_argument("--model", required=True, metavar="pkg.module:factory", help="builds the model's architecture")
+    p.add_argument("--input-shape", required=True, type=_shape, metavar="D,D,...",
+                   help="shape of one input without the batch dimension, e.g. 1,8,8")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="MODEL.onnx", help="the file to write")
+
+    p = command("complexity", cmd_complexity, "BDM complexity ratios (trained/initial, MoMos/dense)",
+                "Measure algorithmic complexity (BDM of the weights' signs, the paper's protocol) of the demo "
+                "MLP (no argument or 'demo': trains it), of a .momos or state_dict file, or of the model a "
+                "factory returns, against a fresh initialization of the same architecture.")
+    p.add_argument("target", nargs="?", default="demo", metavar="FILE_OR_MODEL",
+                   help="'demo' (default), FILE.momos, STATE_DICT.pt or pkg.module:factory")
+    p.add_argument("--model", metavar="pkg.module:factory", help="architecture of a .momos/.pt file")
+    p.add_argument("--dense", type=_existing_file, metavar="STATE_DICT.pt",
+                   help="the dense counterpart's weights, for the MoMos / dense ratio")
+    p.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS,
+                   help="training epochs for 'demo' (default: %(default)s)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of training and of the initial weights")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `momos` command on `argv` (default: sys.argv[1:]); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits with 2 on a usage error, 0 after --help/--version
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    console = _Console(args.quiet)
+    if not args.debug:  # library chatter (pkg_resources, the ONNX exporter) is not for the command line
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)  # torch sets its loggers' levels on import; this overrides them all
+    try:
+        return args.handler(args, console)
+    except KeyboardInterrupt:
+        print("momos: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        usage = isinstance(e, _USAGE_ERRORS)
+        kind = "" if isinstance(e, MoMosError) else f"{type(e).__name__}: "
+        hint = "" if args.debug else " (run with --debug for the traceback)"
+        print(f"momos {args.command}: error: {kind}{e}{hint if not usage else ''}", file=sys.stderr)
+        return EXIT_USAGE if usage else EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
