@@ -1,38 +1,101 @@
-"""Choosing a motif bank from blocks, and assigning blocks to it.
+"""Choosing a motif bank from the blocks of the tensors it serves.
 
 `sample_motifs` is the paper's choice: motif 0 is the all-zero block when forced, the other motifs are
 blocks drawn uniformly without replacement. `kmeans_motifs` refines that draw with Lloyd iterations
-(the forced zero motif stays fixed). Assigning blocks to a bank is `momos.assign.nearest`.
+(the forced zero motif stays fixed). Assigning blocks to a bank is `momos.assign`.
+
+Both read the blocks straight from the tensors, a chunk at a time: memory beyond the bank stays
+O(k + chunk), never a copy of all blocks.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import torch
 
-from momos.assign import nearest
+from momos.assign import MotifSearch
+from momos.blocks import num_blocks, to_blocks
+
+# Values per chunk of blocks read at once.
+_CHUNK = 1 << 18
 
 
-def sample_motifs(blocks: torch.Tensor, num_motifs: int, *, force_zero: bool,
+def draw_without_replacement(population: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` distinct integers from ``range(population)``, uniformly, in draw order (int64).
+
+    A full permutation costs 8 bytes per member of the population; when `count` is a small share of it,
+    draws with replacement are made instead and only each value's first draw is kept, which is the same
+    distribution (sequential sampling without replacement) in O(count) memory.
+    """
+    if count >= population // 4:
+        return torch.randperm(population, generator=generator)[:count]
+    kept = torch.empty(0, dtype=torch.int64)
+    while kept.numel() < count:
+        fresh = torch.randint(population, (2 * (count - kept.numel()) + 16,), generator=generator)
+        drawn = torch.cat([kept, fresh])
+        values, inverse = torch.unique(drawn, return_inverse=True)
+        first = torch.full((values.numel(),), drawn.numel(), dtype=torch.int64)
+        first.scatter_reduce_(0, inverse, torch.arange(drawn.numel()), "amin")
+        kept = drawn[first.sort().values]
+    return kept[:count]
+
+
+def gather_blocks(tensors: Sequence[torch.Tensor], block_size: int, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` of the concatenated blocks of `tensors` (as `to_blocks` cuts each), without the concatenation."""
+    counts = torch.tensor([num_blocks(t.numel(), block_size) for t in tensors])
+    starts = torch.cumsum(counts, 0) - counts
+    owner = torch.searchsorted(starts, rows, right=True) - 1
+    out = torch.zeros(rows.numel(), block_size, dtype=tensors[0].dtype)
+    for i, tensor in enumerate(tensors):
+        picked = (owner == i).nonzero().squeeze(1)
+        if picked.numel():
+            local = rows[picked] - starts[i]
+            flat = tensor.detach().reshape(-1)
+            full = flat.numel() // block_size
+            whole = local < full
+            out[picked[whole]] = flat[:full * block_size].view(full, block_size)[local[whole]].to(out.dtype)
+            tail = picked[~whole]  # the zero-padded last block
+            if tail.numel():
+                out[tail, :flat.numel() - full * block_size] = flat[full * block_size:].to(out.dtype)
+    return out
+
+
+def block_chunks(tensors: Sequence[torch.Tensor], block_size: int) -> Iterator[torch.Tensor]:
+    """The blocks of `tensors`, in order, as ``(rows, block_size)`` chunks (views where no padding is needed)."""
+    step = max(1, _CHUNK // block_size) * block_size
+    for tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        for start in range(0, flat.numel(), step):
+            yield to_blocks(flat[start:start + step], block_size)
+
+
+def sample_motifs(tensors: Sequence[torch.Tensor], block_size: int, num_motifs: int, *, force_zero: bool,
                   generator: torch.Generator) -> torch.Tensor:
-    """A ``(num_motifs, s)`` bank: zero first when `force_zero`, then blocks drawn without replacement."""
-    m, s = blocks.shape
-    drawn = num_motifs - 1 if force_zero else num_motifs
-    drawn = min(drawn, m)
-    rows = torch.randperm(m, generator=generator)[:drawn]
-    motifs = blocks.new_zeros(num_motifs, s)
-    motifs[num_motifs - drawn:] = blocks[rows]
+    """A ``(num_motifs, block_size)`` bank: zero first when `force_zero`, then blocks drawn without replacement
+    from all blocks of `tensors`."""
+    m = sum(num_blocks(t.numel(), block_size) for t in tensors)
+    drawn = min(num_motifs - 1 if force_zero else num_motifs, m)
+    motifs = torch.zeros(num_motifs, block_size, dtype=tensors[0].dtype)
+    rows = draw_without_replacement(m, drawn, generator)
+    motifs[num_motifs - drawn:] = gather_blocks(tensors, block_size, rows)
     return motifs
 
 
-def kmeans_motifs(blocks: torch.Tensor, motifs: torch.Tensor, *, iterations: int,
+def kmeans_motifs(tensors: Sequence[torch.Tensor], block_size: int, motifs: torch.Tensor, *, iterations: int,
                   force_zero: bool) -> torch.Tensor:
-    """Lloyd iterations from `motifs`; an emptied cluster keeps its motif, a forced zero motif stays zero."""
+    """Lloyd iterations from `motifs` over all blocks of `tensors`; an emptied cluster keeps its motif, a forced
+    zero motif stays zero. Stops early once the motifs stop changing."""
     motifs = motifs.clone()
-    data = blocks.to(torch.float64)
+    m = sum(num_blocks(t.numel(), block_size) for t in tensors)
     for _ in range(iterations):
-        labels = nearest(blocks, motifs)
-        counts = torch.bincount(labels, minlength=motifs.shape[0]).to(torch.float64)
-        sums = torch.zeros(motifs.shape, dtype=torch.float64).index_add_(0, labels, data)
+        search = MotifSearch(motifs, num_queries=m)
+        counts = torch.zeros(motifs.shape[0], dtype=torch.float64)
+        sums = torch.zeros(motifs.shape, dtype=torch.float64)
+        for blocks in block_chunks(tensors, block_size):
+            labels = search.nearest(blocks)
+            counts += torch.bincount(labels, minlength=motifs.shape[0])
+            sums.index_add_(0, labels, blocks.to(torch.float64))
         filled = counts > 0
         if force_zero:
             filled[0] = False
@@ -42,4 +105,3 @@ def kmeans_motifs(blocks: torch.Tensor, motifs: torch.Tensor, *, iterations: int
             break
         motifs = updated
     return motifs
-

@@ -195,8 +195,8 @@ def refresh_bank(bank: MotifBank, members: list[Member]) -> tuple[BankStats, lis
 
     Draws a new bank from the current blocks, assigns each block to its nearest motif and, in hard
     mode, writes the reconstruction into the weights. In STE mode the latent weights are left alone.
-    Extra memory: one copy of the blocks (while the bank is drawn, and only if the tensors are several
-    or padded) and the draw's permutation; assignment and write-back run in chunks of `_REFRESH_CHUNK`.
+    Extra memory: the bank, the mosaics, and chunks of `_REFRESH_CHUNK` values: the bank is drawn from
+    the tensors in place (`momos.bank`), and assignment and write-back run chunk by chunk.
     """
     config = bank.config
     s = bank.block_size
@@ -205,16 +205,13 @@ def refresh_bank(bank: MotifBank, members: list[Member]) -> tuple[BankStats, lis
         for (name, _, _), weight in zip(members, weights, strict=True):
             if not torch.isfinite(weight).all():
                 raise MoMosValueError(f"tensor {name!r} holds NaN or Inf values; cannot refresh it")
-        parts = [to_blocks(weight, s) for weight in weights]
-        blocks = parts[0] if len(parts) == 1 else torch.cat(parts)
-        del parts
-        motifs = sample_motifs(blocks, bank.num_motifs, force_zero=config.force_zero, generator=bank.generator())
+        motifs = sample_motifs(weights, s, bank.num_motifs, force_zero=config.force_zero,
+                               generator=bank.generator())
         if config.motif_init == "kmeans":
-            motifs = kmeans_motifs(blocks, motifs, iterations=config.kmeans_iters, force_zero=config.force_zero)
+            motifs = kmeans_motifs(weights, s, motifs, iterations=config.kmeans_iters, force_zero=config.force_zero)
         # Round through the stored dtype so the weights written are exactly what the packed form decodes.
         stored = motifs.to(bank.motifs.dtype)
-        motifs = stored.to(blocks.dtype)
-        del blocks
+        motifs = stored.to(weights[0].dtype)
         search = assign.MotifSearch(motifs, num_queries=bank.num_blocks)
 
         tensor_stats = []

@@ -2,15 +2,46 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from momos import bank
 from momos.assign import nearest
-from momos.bank import kmeans_motifs, sample_motifs
+from momos.bank import draw_without_replacement, gather_blocks, kmeans_motifs, sample_motifs
+from momos.blocks import to_blocks
+
+
+@given(population=st.integers(1, 5000), share=st.floats(0.0, 1.0), seed=st.integers(0, 99))
+def test_draw_without_replacement_gives_distinct_members_deterministically(population, share, seed):
+    count = int(share * population)
+    rows = draw_without_replacement(population, count, torch.Generator().manual_seed(seed))
+    again = draw_without_replacement(population, count, torch.Generator().manual_seed(seed))
+    assert rows.numel() == count == len(set(rows.tolist()))
+    assert count == 0 or 0 <= int(rows.min()) <= int(rows.max()) < population
+    assert torch.equal(rows, again)
+
+
+def test_draw_without_replacement_is_uniform():
+    # 20000 draws of 5 from 100 (the rejection path): every member's frequency near 5/100
+    g = torch.Generator().manual_seed(0)
+    hits = torch.zeros(100)
+    for _ in range(20000):
+        hits[draw_without_replacement(100, 5, g)] += 1
+    freq = hits / 20000
+    assert (freq - 0.05).abs().max() < 0.006  # ~4 standard deviations
+
+
+@given(sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4), s=st.integers(1, 6), seed=st.integers(0, 9))
+def test_gather_blocks_equals_rows_of_the_concatenated_blocks(sizes, s, seed):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(n, generator=g) for n in sizes]
+    blocks = torch.cat([to_blocks(t, s) for t in tensors])
+    rows = torch.randint(blocks.shape[0], (30,), generator=g)
+    assert torch.equal(gather_blocks(tensors, s, rows), blocks[rows])
 
 
 @given(m=st.integers(1, 60), s=st.integers(1, 5), k=st.integers(1, 60), zero=st.booleans(), seed=st.integers(0, 99))
 def test_sample_draws_distinct_block_positions(m, s, k, zero, seed):
     k = min(k, m)
     blocks = torch.arange(m * s, dtype=torch.float32).view(m, s) + 1  # every block distinct and nonzero
-    motifs = sample_motifs(blocks, k, force_zero=zero, generator=torch.Generator().manual_seed(seed))
+    motifs = sample_motifs([blocks], s, k, force_zero=zero, generator=torch.Generator().manual_seed(seed))
     assert motifs.shape == (k, s)
     drawn = motifs[1:] if zero else motifs
     if zero:
@@ -22,9 +53,9 @@ def test_sample_draws_distinct_block_positions(m, s, k, zero, seed):
 
 def test_sample_is_deterministic_for_a_seed():
     blocks = torch.randn(500, 4)
-    a = sample_motifs(blocks, 20, force_zero=True, generator=torch.Generator().manual_seed(3))
-    b = sample_motifs(blocks, 20, force_zero=True, generator=torch.Generator().manual_seed(3))
-    c = sample_motifs(blocks, 20, force_zero=True, generator=torch.Generator().manual_seed(4))
+    a = sample_motifs([blocks], 4, 20, force_zero=True, generator=torch.Generator().manual_seed(3))
+    b = sample_motifs([blocks], 4, 20, force_zero=True, generator=torch.Generator().manual_seed(3))
+    c = sample_motifs([blocks], 4, 20, force_zero=True, generator=torch.Generator().manual_seed(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -33,12 +64,21 @@ def test_sample_is_deterministic_for_a_seed():
 def test_kmeans_never_increases_distortion_and_keeps_zero(seed, zero):
     g = torch.Generator().manual_seed(seed)
     blocks = torch.randn(300, 3, generator=g)
-    start = sample_motifs(blocks, 12, force_zero=zero, generator=g)
+    start = sample_motifs([blocks], 3, 12, force_zero=zero, generator=g)
 
     def distortion(motifs):
         return float(((blocks - motifs[nearest(blocks, motifs)]) ** 2).sum())
 
-    refined = kmeans_motifs(blocks, start, iterations=5, force_zero=zero)
+    refined = kmeans_motifs([blocks], 3, start, iterations=5, force_zero=zero)
     assert distortion(refined) <= distortion(start) + 1e-4
     if zero:
         assert torch.equal(refined[0], torch.zeros(3))
+
+
+def test_kmeans_reads_blocks_in_chunks_with_the_same_result(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(37, 5, generator=g), torch.randn(101, generator=g)]
+    start = sample_motifs(tensors, 4, 9, force_zero=True, generator=g)
+    whole = kmeans_motifs(tensors, 4, start, iterations=4, force_zero=True)
+    monkeypatch.setattr(bank, "_CHUNK", 8)  # two blocks per chunk
+    assert torch.allclose(kmeans_motifs(tensors, 4, start, iterations=4, force_zero=True), whole, atol=1e-6)
