@@ -7,11 +7,12 @@ Every MoMos tensor becomes a small decode subgraph in front of its consumer::
 
 One motif initializer per bank (one for the whole model in global scope). Mosaic layouts:
 
-- ``"packed"`` (default): the indices as one little-endian stream of ``ceil(log2 k)``-bit fields in uint32
-  words, unpacked in the graph with integer ops (opset 18+). The words form groups of ``32/g`` fields in
-  ``b/g`` words (``g = gcd(b, 32)``), so field j of every group sits at a fixed bit offset and the unpack
-  is a handful of whole-tensor ops with tiny constant operands. Where b is 8, 16 or 32 the stream *is*
-  the native array, and no unpack is emitted.
+- ``"packed"`` (default): the indices as ``ceil(log2 k)``-bit fields in uint32 words, unpacked in the
+  graph with integer ops (opset 18+). The words form groups of ``32/g`` fields in ``b/g`` words
+  (``g = gcd(b, 32)``), each group a little-endian bit stream, so field j of every group sits at a fixed
+  bit offset; the words are stored plane-major (word w of every group is one row), so the unpack is a
+  handful of whole-row ops with tiny constant operands. Where b is 8, 16 or 32 the native array is
+  already b bits wide, and no unpack is emitted.
 - ``"native"``: the narrowest unsigned type onnxruntime casts from (UINT2 from opset 25, UINT4 from
   opset 21, else uint8/uint16/uint32), decoded by Cast alone.
 
@@ -224,30 +225,37 @@ class _FieldLayout:
 
 
 def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
-    """The uint32 words of `indices` as a little-endian stream of `bits`-bit fields (zero-padded to whole groups)."""
+    """The uint32 words of `indices` as `bits`-bit fields in planes (zero-padded to whole groups).
+
+    With ``F`` fields in ``W`` words per group and ``G = ceil(n / F)`` groups, index ``i`` is field
+    ``i // G`` of group ``i % G``, and the words form a (W, G) array: row w holds word w of every group.
+    Each group is a little-endian bit stream of its F fields over its W words. Field j of all groups
+    is one contiguous plane, so the graph unpacks it with whole-row operations (no per-element gathers,
+    no short broadcasts).
+    """
     layout = _FieldLayout.for_bits(bits)
     groups = -(-indices.size // layout.fields)
     fields = np.zeros(groups * layout.fields, dtype=np.uint64)
     fields[:indices.size] = indices
-    fields = fields.reshape(groups, layout.fields)
-    words = np.zeros((groups, layout.words), dtype=np.uint64)
+    fields = fields.reshape(layout.fields, groups)
+    words = np.zeros((layout.words, groups), dtype=np.uint64)
     word, shift = layout.offsets()
     for j in range(layout.fields):
-        words[:, word[j]] |= (fields[:, j] << np.uint64(shift[j])) & np.uint64(0xFFFFFFFF)
+        words[word[j]] |= (fields[j] << np.uint64(shift[j])) & np.uint64(0xFFFFFFFF)
         if shift[j] + bits > _WORD_BITS:
-            words[:, word[j] + 1] |= fields[:, j] >> np.uint64(_WORD_BITS - shift[j])
+            words[word[j] + 1] |= fields[j] >> np.uint64(_WORD_BITS - shift[j])
     return words.astype(np.uint32).reshape(-1)
 
 
 def unpack_indices(words: np.ndarray, bits: int, count: int) -> np.ndarray:
     """Inverse of `pack_indices` (numpy mirror of the graph's unpack): the first `count` indices as int64."""
     layout = _FieldLayout.for_bits(bits)
-    grid = words.astype(np.uint64).reshape(-1, layout.words)
+    grid = words.astype(np.uint64).reshape(layout.words, -1)
     word, shift = layout.offsets()
     hi = np.minimum(word + 1, layout.words - 1)
-    lo_part = grid[:, word] >> shift.astype(np.uint64)
+    lo_part = grid[word] >> shift.astype(np.uint64)[:, None]
     hi_shift = np.minimum(_WORD_BITS - shift, _WORD_BITS - 1).astype(np.uint64)
-    hi_part = (grid[:, hi] << hi_shift) & np.uint64(0xFFFFFFFF)
+    hi_part = (grid[hi] << hi_shift[:, None]) & np.uint64(0xFFFFFFFF)
     values = (lo_part | hi_part) & np.uint64((1 << bits) - 1)
     return values.reshape(-1)[:count].astype(np.int64)
 
@@ -384,15 +392,17 @@ def _indices(graph: ir.Graph, b: _Builder, fqn: str, packed: PackedTensor, layou
     fields = _FieldLayout.for_bits(bits)
     stored = _initializer(graph, f"{fqn}.mosaic", pack_indices(mosaic, bits))
     word, shift = fields.offsets()
-    grid = b.op("Reshape", [stored, b.const(np.array([-1, fields.words], np.int64), f"grid{bits}")], "grid")
-    lo = b.op("Gather", [grid, b.const(word.astype(np.int64), f"lo_word{bits}")], "lo", axis=1)
-    value = b.op("BitShift", [lo, b.const(shift.astype(np.uint32), f"lo_shift{bits}")], "lo_bits", direction="RIGHT")
+    # Planes: row j of (F, G) is field j of every group; shifts are (F, 1) columns, so each broadcast spans a row.
+    grid = b.op("Reshape", [stored, b.const(np.array([fields.words, -1], np.int64), f"grid{bits}")], "grid")
+    lo = b.op("Gather", [grid, b.const(word.astype(np.int64), f"lo_word{bits}")], "lo", axis=0)
+    value = b.op("BitShift", [lo, b.const(shift.astype(np.uint32)[:, None], f"lo_shift{bits}")], "lo_bits",
+                 direction="RIGHT")
     if fields.crosses:
         # A field's high part: hi << (32 - shift). Fields that do not cross take shift 31 instead of 32 (which
         # BitShift leaves undefined): any shift >= bits puts hi above the mask.
         hi_word = np.minimum(word + 1, fields.words - 1).astype(np.int64)
-        hi = b.op("Gather", [grid, b.const(hi_word, f"hi_word{bits}")], "hi", axis=1)
-        hi_shift = np.minimum(_WORD_BITS - shift, _WORD_BITS - 1).astype(np.uint32)
+        hi = b.op("Gather", [grid, b.const(hi_word, f"hi_word{bits}")], "hi", axis=0)
+        hi_shift = np.minimum(_WORD_BITS - shift, _WORD_BITS - 1).astype(np.uint32)[:, None]
         hi = b.op("BitShift", [hi, b.const(hi_shift, f"hi_shift{bits}")], "hi_bits", direction="LEFT")
         value = b.op("BitwiseOr", [value, hi], "joined")
     value = b.op("BitwiseAnd", [value, b.const(np.array((1 << bits) - 1, np.uint32), f"mask{bits}")], "fields")
