@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 import textwrap
@@ -109,6 +110,27 @@ def test_session_checks_feeds_and_outputs(exported: tuple[Path, nn.Module, np.nd
         session.run({"input": x[:, :5]})
     with pytest.raises(MoMosFormatError, match="weights must be one of"):
         runtime.load(path, "dense")
+
+
+@pytest.mark.parametrize(("weights", "arena", "expected"),
+                         [("folded", None, True), ("compact", None, False), ("compact", True, True),
+                          ("folded", False, False)])
+def test_memory_arena_defaults_per_weight_policy(exported: tuple[Path, nn.Module, np.ndarray], weights: str,
+                                                 arena: bool | None, expected: bool) -> None:
+    path, packed, x = exported
+    session = runtime.load(path, weights, threads=1, arena=arena)
+    assert session.options.enable_cpu_mem_arena is expected
+    assert session.options.intra_op_num_threads == 1
+    expected_out = packed(torch.from_numpy(x)).detach().numpy()
+    for _ in range(2):  # a second run reuses (arena) or reallocates (no arena) the decoded weights
+        assert np.abs(session.run({"input": x})["output"] - expected_out).max() <= 1e-5
+
+
+def test_release_free_memory_trims_the_glibc_heap() -> None:
+    from momos.runtime.session import release_free_memory
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert release_free_memory() is glibc
 
 
 def test_inspect_refuses_files_momos_did_not_write(tmp_path: Path) -> None:
