@@ -127,6 +127,28 @@ def test_native_layout_uses_uint4_for_small_banks(tmp_path: Path) -> None:
     assert np.abs(got - packed(x).detach().numpy()).max() <= 1e-5
 
 
+@pytest.mark.parametrize("layout", ["packed", "native"])
+def test_planes_lookup_agrees_and_keeps_the_size(small_model: tuple[str, nn.Module, Callable[[int], torch.Tensor]],
+                                                 layout: str, tmp_path: Path) -> None:
+    name, model, make_input = small_model
+    packed = _packed(model, momos.MoMosConfig(block_size=4, capacity=0.3))
+    sizes = {}
+    for lookup in ("gather", "planes"):
+        path = tmp_path / f"{name}-{lookup}.onnx"
+        proto = momos.export.to_onnx(packed, make_input(2), path, mosaic_layout=layout, motif_lookup=lookup)
+        sizes[lookup] = path.stat().st_size
+        ops = {n.op_type for n in proto.graph.node}
+        assert ("ArrayFeatureExtractor" in ops) is (lookup == "planes")
+        for weights in runtime.WEIGHTS:
+            session = runtime.load(path, weights)
+            for batch in (1, 7):
+                x = make_input(batch)
+                with torch.no_grad():
+                    expected = packed(x).numpy()
+                assert np.abs(session.run({"input": x.numpy()})["output"] - expected).max() <= 1e-5, (lookup, weights)
+    assert sizes["planes"] <= sizes["gather"] + 2048  # same payload; a few more node bytes
+
+
 def test_names_and_dynamic_batch(tmp_path: Path) -> None:
     torch.manual_seed(0)
     packed = _packed(nn.Sequential(nn.Linear(8, 4)), momos.MoMosConfig(block_size=2, capacity=0.5))
@@ -157,6 +179,7 @@ def test_refuses_models_that_are_not_converted(tmp_path: Path) -> None:
     (lambda: torch.randn(2, 8), {"output_names": ["a", "b"]}, "output_names has 2 names"),
     (lambda: torch.randn(2, 8), {"mosaic_layout": "dense"}, "mosaic_layout"),
     (lambda: torch.randn(2, 8), {"opset": 17}, "opset must be an integer >= 18"),
+    (lambda: torch.randn(2, 8), {"motif_lookup": "rows"}, "motif_lookup must be one of"),
 ])
 def test_refuses_bad_arguments(inputs: Callable[[], object], kwargs: dict, match: str, tmp_path: Path) -> None:
     packed = _packed(nn.Sequential(nn.Linear(8, 4)), momos.MoMosConfig(block_size=2, capacity=0.5))
