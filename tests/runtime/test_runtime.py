@@ -112,14 +112,13 @@ def test_session_checks_feeds_and_outputs(exported: tuple[Path, nn.Module, np.nd
         runtime.load(path, "dense")
 
 
-@pytest.mark.parametrize(("weights", "arena", "expected"),
-                         [("folded", None, True), ("compact", None, False), ("compact", True, True),
-                          ("folded", False, False)])
-def test_memory_arena_defaults_per_weight_policy(exported: tuple[Path, nn.Module, np.ndarray], weights: str,
-                                                 arena: bool | None, expected: bool) -> None:
+@pytest.mark.parametrize("weights", ["folded", "compact"])
+@pytest.mark.parametrize("arena", [None, True, False])
+def test_memory_arena_option(exported: tuple[Path, nn.Module, np.ndarray], weights: str, arena: bool | None) -> None:
     path, packed, x = exported
-    session = runtime.load(path, weights, threads=1, arena=arena)
-    assert session.options.enable_cpu_mem_arena is expected
+    kwargs = {} if arena is None else {"arena": arena}
+    session = runtime.load(path, weights, threads=1, **kwargs)
+    assert session.options.enable_cpu_mem_arena is (arena is not False)  # on unless turned off
     assert session.options.intra_op_num_threads == 1
     expected_out = packed(torch.from_numpy(x)).detach().numpy()
     for _ in range(2):  # a second run reuses (arena) or reallocates (no arena) the decoded weights
