@@ -7,11 +7,14 @@ bank (weights as initialised: sizes and speed do not depend on training), prints
 
 - file bytes of the dense and the momos ONNX, their ratio, and the goal c + ceil(log2 k)/(s*32);
 - median latency at batch 1 and 32 of dense, momos "folded" and momos "compact" (packed and native
-  mosaic layouts), as ratios to dense;
-- resident memory each session adds to its process (RSS after load and one run, minus RSS before).
+  mosaic layouts, each with the "gather" and the "planes" motif lookup), as ratios to dense; every
+  session is loaded in one process and the runs are interleaved, so machine noise hits all alike;
+- resident memory each session adds to a fresh process (RSS after load and one run, minus RSS before);
+- what a plain numpy lookup of every motif row (``np.take(motifs, indices, axis=0)``) costs: the floor
+  of any gather decode on this machine.
 
-Every session runs in a fresh subprocess that imports only numpy, onnxruntime and momos.runtime, so
-resident memory is comparable and torch's own footprint stays out of it.
+The sessions run in subprocesses that import only numpy, onnxruntime and momos.runtime, so resident
+memory is comparable and torch's own footprint stays out of it.
 """
 
 from __future__ import annotations
@@ -24,46 +27,74 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+
+import numpy as np
 
 BATCHES = (1, 32)
 
 
-def worker(path: str, weights: str, width: int, runs: int) -> dict[str, float]:
-    """Load `path` (weights None: plain onnxruntime, all optimizations) and time it; returns the figures."""
-    import numpy as np
+Row = tuple[str, str, str]  # (label, weights policy or "dense", ONNX path)
+
+
+def _open(path: str, weights: str) -> Callable[[np.ndarray], object]:
+    """A callable running one session on an input batch."""
     import onnxruntime as ort
-    import psutil
 
     from momos import runtime
 
-    process = psutil.Process()
-    before = process.memory_info().rss
     if weights == "dense":
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        run = lambda x: session.run(None, {"input": x})  # noqa: E731
-    else:
-        momos_session = runtime.load(path, weights)
-        run = lambda x: momos_session.run({"input": x})  # noqa: E731
+        return lambda x: session.run(None, {"input": x})
+    momos_session = runtime.load(path, weights)
+    return lambda x: momos_session.run({"input": x})
+
+
+def rss_worker(path: str, weights: str, width: int) -> dict[str, float]:
+    """Resident memory one session adds to this (fresh) process: RSS after load and one run, minus before."""
+    import psutil
+
+    process = psutil.Process()
+    before = process.memory_info().rss
+    run = _open(path, weights)
     run(np.zeros((1, width), np.float32))
-    figures = {"rss_mib": (process.memory_info().rss - before) / 2**20}
+    return {"rss_mib": (process.memory_info().rss - before) / 2**20}
+
+
+def latency_worker(rows: list[Row], width: int, runs: int) -> dict[str, dict[str, float]]:
+    """Median latency (ms) per row and batch size, the rows' runs interleaved in one process."""
+    sessions = {label: _open(path, weights) for label, weights, path in rows}
+    figures: dict[str, dict[str, float]] = {label: {} for label in sessions}
     rng = np.random.default_rng(0)
     for batch in BATCHES:
         x = rng.standard_normal((batch, width)).astype(np.float32)
-        for _ in range(3):
-            run(x)
-        times = []
+        times: dict[str, list[float]] = {label: [] for label in sessions}
+        for run in sessions.values():
+            for _ in range(3):
+                run(x)
         for _ in range(runs):
-            start = time.perf_counter()
-            run(x)
-            times.append(time.perf_counter() - start)
-        figures[f"ms_b{batch}"] = 1e3 * float(np.median(times))
+            for label, run in sessions.items():
+                start = time.perf_counter()
+                run(x)
+                times[label].append(time.perf_counter() - start)
+        for label, samples in times.items():
+            figures[label][f"ms_b{batch}"] = 1e3 * float(np.median(samples))
     return figures
 
 
-def measure(path: str, weights: str, width: int, runs: int) -> dict[str, float]:
-    done = subprocess.run([sys.executable, __file__, "--worker", path, weights, str(width), str(runs)],
-                          capture_output=True, text=True, check=True)
+def _subprocess(*args: str) -> dict:
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.splitlines()[-1])
+
+
+def numpy_take_ms(motifs: np.ndarray, indices: np.ndarray, runs: int) -> float:
+    """Median ms of ``np.take(motifs, indices, axis=0)``: every motif row of the model, looked up by numpy."""
+    times = []
+    for _ in range(max(5, runs // 5)):
+        start = time.perf_counter()
+        np.take(motifs, indices, axis=0)
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
 
 
 def bench(name: str, width: int, hidden: int, classes: int, runs: int, workdir: str) -> None:
@@ -93,8 +124,10 @@ def bench(name: str, width: int, hidden: int, classes: int, runs: int, workdir: 
     onnx.save(proto, dense_path)
     paths = {"dense": dense_path}
     for layout in ("packed", "native"):
-        paths[layout] = os.path.join(workdir, f"{name}-{layout}.onnx")
-        momos.export.to_onnx(packed, x, paths[layout], mosaic_layout=layout)
+        for lookup in ("gather", "planes"):
+            key = layout if lookup == "gather" else f"{layout} planes"
+            paths[key] = os.path.join(workdir, f"{name}-{layout}-{lookup}.onnx")
+            momos.export.to_onnx(packed, x, paths[key], mosaic_layout=layout, motif_lookup=lookup)
 
     dense_bytes = os.path.getsize(dense_path)
     goal = config.capacity + bits / (config.block_size * 32)
@@ -107,17 +140,28 @@ def bench(name: str, width: int, hidden: int, classes: int, runs: int, workdir: 
         print(f"file bytes: momos {layout:6s} {size:,}  ratio {ratio:.4f}  goal c+bits/(s*32) = {goal:.4f}  "
               f"off by {100 * (ratio - goal) / goal:+.1f}%")
 
-    rows = [("dense", "dense", paths["dense"]), ("folded", "folded", paths["packed"]),
-            ("compact packed", "compact", paths["packed"]), ("compact native", "compact", paths["native"])]
-    results = {label: measure(path, weights, width, runs) for label, weights, path in rows}
+    rows: list[Row] = [("dense", "dense", paths["dense"]), ("folded", "folded", paths["packed"]),
+                       ("compact packed", "compact", paths["packed"]),
+                       ("compact native", "compact", paths["native"]),
+                       ("compact packed planes", "compact", paths["packed planes"]),
+                       ("compact native planes", "compact", paths["native planes"])]
+    results = _subprocess("--latency", json.dumps(rows), str(width), str(runs))
+    for label, weights, path in rows:
+        results[label].update(_subprocess("--rss", path, weights, str(width)))
     base = results["dense"]
-    print(f"{'session':16s} {'ms b=1':>8s} {'x dense':>8s} {'ms b=32':>8s} {'x dense':>8s} {'RSS MiB':>8s} "
+    print(f"{'session':22s} {'ms b=1':>8s} {'x dense':>8s} {'ms b=32':>8s} {'x dense':>8s} {'RSS MiB':>8s} "
           f"{'x dense':>8s}")
     for label, _, _ in rows:
         r = results[label]
-        print(f"{label:16s} {r['ms_b1']:8.3f} {r['ms_b1'] / base['ms_b1']:8.2f} {r['ms_b32']:8.3f} "
+        print(f"{label:22s} {r['ms_b1']:8.3f} {r['ms_b1'] / base['ms_b1']:8.2f} {r['ms_b32']:8.3f} "
               f"{r['ms_b32'] / base['ms_b32']:8.2f} {r['rss_mib']:8.1f} "
               f"{r['rss_mib'] / base['rss_mib']:8.2f}")
+    tables = {id(p.table): p.table.motifs.detach().float().numpy() for _, p in packed_tensors(packed)}
+    (motifs,) = tables.values()
+    indices = np.concatenate([p.mosaic.detach().numpy().astype(np.int32) for _, p in packed_tensors(packed)])
+    take = numpy_take_ms(motifs, indices, runs)
+    print(f"numpy np.take of all {indices.size:,} motif rows: {take:.3f} ms = {take / base['ms_b1']:.2f}x dense b=1, "
+          f"{take / base['ms_b32']:.2f}x dense b=32 (the floor of a gather decode here)")
     print("goals: folded/dense latency <= 1.05; compact/dense latency <= 5")
     print(f"dense float32 weights: {params * 4 / 2**20:.1f} MiB; compressed payload: "
           f"{(k * config.block_size * 4 + math.ceil(params / 4) * bits / 8) / 2**20:.2f} MiB")
@@ -133,7 +177,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))))
+    if len(sys.argv) > 1 and sys.argv[1] == "--rss":
+        print(json.dumps(rss_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--latency":
+        print(json.dumps(latency_worker([tuple(r) for r in json.loads(sys.argv[2])], int(sys.argv[3]),
+                                        int(sys.argv[4]))))
     else:
         main()
