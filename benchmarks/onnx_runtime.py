@@ -72,8 +72,9 @@ def latency_worker(rows: list[Row], width: int, runs: int) -> dict[str, dict[str
         for run in sessions.values():
             for _ in range(3):
                 run(x)
-        for _ in range(runs):
-            for label, run in sessions.items():
+        for rep in range(runs):
+            order = list(sessions.items())
+            for label, run in order if rep % 2 else reversed(order):  # alternate: no session always runs first
                 start = time.perf_counter()
                 run(x)
                 times[label].append(time.perf_counter() - start)

@@ -22,7 +22,11 @@ Motif lookups (``motif_lookup``):
   index. onnxruntime's Gather costs about 9 ns per index on a cached table whatever the row width.
 - ``"planes"``: the motif initializer is stored transposed, (s, k), and ``ai.onnx.ml.ArrayFeatureExtractor``
   looks each index up in the s planes (a plain element loop, about 4x faster than Gather on the digits
-  MLP), then a Transpose restores (m, s). Same file size; for compact sessions only: onnxruntime's
+  MLP), then a Transpose restores (m, s). A weight whose only consumer is ``Gemm(A, W, transB=1)``
+  (nn.Linear) skips that Transpose: its mosaic is stored in block-column order (index of block (o, q)
+  at ``q * out + o``), so the planes reshape straight to a (in, out) matrix with rows ordered (c, q),
+  and the Gemm takes ``transB=0`` and its input A with columns permuted the same way (Reshape,
+  Transpose, Reshape of the activations). Same file size; for compact sessions only: onnxruntime's
   ConstantFolding does not fold ai.onnx.ml ops, so a "planes" file decodes at every run even when
   loaded with ``weights="folded"`` (measured: folded = compact latency). Export with "gather" for folding.
 
@@ -377,8 +381,22 @@ def _insert_decoders(graph: ir.Graph, tensors: list[tuple[str, PackedTensor]], l
         if motifs.dtype != lookup_type:
             motifs = b.op("Cast", [motifs], "motifs_cast", to=lookup_type)
         index_type = ir.DataType.INT64 if lookup == "planes" else ir.DataType.INT32
-        indices, mosaic = _indices(graph, b, fqn, packed, layout, opset, index_type)
+        gemm = _linear_gemm(dense, packed) if lookup == "planes" and lookup_type == target else None
+        order = packed.mosaic.detach().cpu().numpy().astype(np.int64)
+        if gemm is not None:  # block-column order: block (o, q) at q * out + o
+            order = order.reshape(packed.shape[0], -1).T.reshape(-1)
+        indices, mosaic = _indices(graph, b, fqn, order, packed.table.num_motifs, layout, opset, index_type)
         hidden.append(mosaic)
+        if gemm is not None:
+            planes = b.op("ArrayFeatureExtractor", [motifs, indices], "planes", domain=_ML_DOMAIN)
+            decoded = b.op("Reshape", [planes, b.const(np.array([-1, packed.shape[0]], np.int64), "in_out")],
+                           "decoded")
+            _permute_gemm_input(b, gemm, packed)
+            graph.insert_before(gemm, b.nodes)
+            dense.replace_all_uses_with(decoded)
+            graph.initializers.pop(fqn)
+            decoded.name = fqn
+            continue
         if lookup == "planes":
             planes = b.op("ArrayFeatureExtractor", [motifs, indices], "planes", domain=_ML_DOMAIN)
             blocks = b.op("Transpose", [planes], "blocks", perm=[1, 0])
@@ -408,11 +426,38 @@ def _unique_name(graph: ir.Graph, name: str) -> str:
     return unique
 
 
-def _indices(graph: ir.Graph, b: _Builder, fqn: str, packed: PackedTensor, layout: str,
+def _linear_gemm(dense: ir.Value, packed: PackedTensor) -> ir.Node | None:
+    """The node consuming `dense` when that is its only use and it is ``Gemm(A, dense, transB=1, transA=0)``
+    over a 2-D weight whose rows hold whole blocks; else None."""
+    uses = list(dense.uses())
+    if len(uses) != 1 or len(packed.shape) != 2 or packed.shape[1] % packed.table.block_size:
+        return None
+    node, index = uses[0]
+    attributes = node.attributes
+    trans_a = attributes["transA"].value if "transA" in attributes else 0
+    trans_b = attributes["transB"].value if "transB" in attributes else 0
+    if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx") or index != 1 or trans_a or not trans_b:
+        return None
+    return node
+
+
+def _permute_gemm_input(b: _Builder, gemm: ir.Node, packed: PackedTensor) -> None:
+    """Make `gemm` take W as (in, out) with rows ordered (c, q): A's columns 4q + c move to c * Q + q."""
+    s = packed.table.block_size
+    in_features = packed.shape[1]
+    grouped = b.op("Reshape", [gemm.inputs[0], b.const(np.array([-1, in_features // s, s], np.int64),
+                                                        f"by_block{in_features}")], "a_blocks")
+    swapped = b.op("Transpose", [grouped], "a_planes", perm=[0, 2, 1])
+    permuted = b.op("Reshape", [swapped, b.const(np.array([-1, in_features], np.int64), f"rows{in_features}")],
+                    "a_permuted")
+    gemm.replace_input_with(0, permuted)
+    gemm.attributes["transB"] = ir.AttrInt64("transB", 0)
+
+
+def _indices(graph: ir.Graph, b: _Builder, fqn: str, mosaic: np.ndarray, num_motifs: int, layout: str,
              opset: int, index_type: ir.DataType) -> tuple[ir.Value, ir.Value]:
-    """(index value of shape (m,) and type `index_type`, the mosaic initializer it is decoded from)."""
-    mosaic = packed.mosaic.detach().cpu().numpy().astype(np.int64)
-    bits = max(1, index_bits(packed.table.num_motifs))
+    """(index value of shape (m,) and type `index_type`, the initializer that stores `mosaic` (int64 indices))."""
+    bits = max(1, index_bits(num_motifs))
     if not _bit_packs(mosaic.size, bits, layout):
         onnx_type, np_type = _native_dtype(bits, opset if layout == "native" else 0)
         stored = _initializer(graph, f"{fqn}.mosaic", mosaic.astype(np_type), onnx_type)

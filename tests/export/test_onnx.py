@@ -146,7 +146,7 @@ def test_planes_lookup_agrees_and_keeps_the_size(small_model: tuple[str, nn.Modu
                 with torch.no_grad():
                     expected = packed(x).numpy()
                 assert np.abs(session.run({"input": x.numpy()})["output"] - expected).max() <= 1e-5, (lookup, weights)
-    assert sizes["planes"] <= sizes["gather"] + 2048  # same payload; a few more node bytes
+    assert sizes["planes"] <= _size_bound(packed)  # same payload; a few more nodes (activation permutes)
 
 
 def test_names_and_dynamic_batch(tmp_path: Path) -> None:
