@@ -23,6 +23,7 @@ from momos.parametrize import (
     latent,
     momos_of,
     refresh_bank,
+    register,
 )
 
 GLOBAL_BANK = "global"
@@ -73,7 +74,7 @@ def prepare(model: nn.Module, config: MoMosConfig, *, include: Iterable[Any] | N
             bank = banks[GLOBAL_BANK]
         else:
             bank = MotifBank(name, cfg, num_blocks(weight.numel(), cfg.block_size))
-        parametrize.register_parametrization(module, tensor_name, MoMosParametrization(bank, weight.shape))
+        register(module, tensor_name, MoMosParametrization(bank, weight.shape))
     return model
 
 

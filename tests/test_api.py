@@ -286,3 +286,19 @@ def test_padding_with_numel_not_a_multiple_of_block_size():
     assert p.num_blocks == num_blocks(21, 5) == 5
     x = torch.randn(2, 7)
     assert (momos.convert(prepared)(x) - prepared(x)).abs().max() == 0
+
+
+def test_hard_mode_fast_property_defers_to_torch_when_another_parametrization_joins():
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = momos.prepare(_mlp(), MoMosConfig(capacity=0.2))
+    original = model[0].parametrizations.weight.original
+    assert model[0].weight is original  # the identity forward costs no module call
+    parametrize.register_parametrization(model[0], "weight", Double())
+    assert torch.equal(model[0].weight, 2 * original)
+    ste = momos.prepare(_mlp(), MoMosConfig(capacity=0.2, mode="ste"))
+    assert "_momos_lists" not in ste[0].__dict__
