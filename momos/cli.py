@@ -32,7 +32,7 @@ from momos.errors import MoMosConfigError, MoMosError, MoMosSelectionError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 # Epochs of `momos demo`: measured to reach good accuracy within the demo's 3-minute budget on 2 cores.
-DEMO_EPOCHS = 30
+DEMO_EPOCHS = 50
 MODEL_NAMES = ("mlp", "cnn", "vit")
 
 

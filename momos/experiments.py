@@ -1,6 +1,6 @@
 """The experiments behind `momos demo` and `momos sweep`: train with `momos.train.fit`, compress, measure.
 
-    result = demo("momos-demo", epochs=30)  # digits, paper MLP, dense vs MoMos, .momos + .onnx + plots + JSON
+    result = demo("momos-demo", epochs=50)  # digits, paper MLP, dense vs MoMos, .momos + .onnx + plots + JSON
     print(result)                           # the demo's table
     runs = sweep("mlp", digits(), block_sizes=[2, 4], capacities=[0.01, 0.05], seeds=2, epochs=10)
 
