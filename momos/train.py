@@ -53,6 +53,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
+def _batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """`order` cut into batches; a last batch of one sample joins the one before (BatchNorm refuses it)."""
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
 def make_optimizer(model: nn.Module, name: str = "adamw", lr: float | None = None,
                    weight_decay: float | None = None) -> torch.optim.Optimizer:
     """The reference code's optimizers: AdamW lr 3e-4 wd 1e-2, or SGD lr 0.1 momentum 0.9 wd 1e-4."""
@@ -80,7 +88,7 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, refresh: str | int | No
         raise MoMosConfigError(f"refresh must be None, 'epoch', 'step' or an integer >= 1, got {refresh!r}")
     generator = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model, optimizer, lr, weight_decay)
-    steps_per_epoch = math.ceil(len(data.x_train) / batch_size)
+    steps_per_epoch = len(_batches(torch.arange(len(data.x_train)), batch_size))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss()
     history = History()
@@ -90,8 +98,7 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, refresh: str | int | No
         model.train()
         start, refresh_time, total_loss, distortion = time.perf_counter(), 0.0, 0.0, math.nan
         order = torch.randperm(len(data.x_train), generator=generator)
-        for i in range(0, len(order), batch_size):
-            batch = order[i:i + batch_size]
+        for batch in _batches(order, batch_size):
             loss = loss_fn(model(data.x_train[batch]), data.y_train[batch])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -47,3 +47,17 @@ def test_fit_is_seeded(blobs):
 def test_fit_rejects_bad_arguments(blobs, kwargs, field):
     with pytest.raises(MoMosConfigError, match=field):
         fit(build("mlp", blobs.input_shape, blobs.num_classes), blobs, **kwargs)
+
+
+def test_a_last_batch_of_one_sample_joins_the_previous_one():
+    from momos.train import _batches
+
+    assert [len(b) for b in _batches(torch.arange(129), 64)] == [64, 65]
+    assert [len(b) for b in _batches(torch.arange(130), 64)] == [64, 64, 2]
+    assert [len(b) for b in _batches(torch.arange(1), 64)] == [1]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(161, 1, 8, 8, generator=g)  # 80% train = 129 samples: 64 + 64 + 1
+    data = split(x.numpy(), (torch.arange(161) % 3).numpy(), seed=0)
+    assert len(data.x_train) % 64 == 1
+    model = build("cnn", data.input_shape, data.num_classes)  # BatchNorm: a batch of one would fail
+    assert len(fit(model, data, epochs=1, optimizer="sgd").epochs) == 1
