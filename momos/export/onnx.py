@@ -36,6 +36,11 @@ swapped for decode subgraphs with onnx-ir, and onnxscript's optimizer then clean
 while the mosaic and motif initializers are hidden from it as graph inputs, so nothing downstream of
 them can be folded; they become initializers again before saving. onnxruntime folds them at load time
 only when asked to (``momos.runtime.load(path, weights="folded")``).
+
+Everything but the payload counts against the file-size goal, and on a small model (the digits MLP: ten
+tensors, 125 KB of payload) the graph's own bytes were 6% of the file. So the file carries no exporter
+provenance, node names or default-valued attributes, decoder values have short names, equal constants
+are one initializer, and the metadata stores each tensor's k and bits once per bank.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ _TORCH_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FL
                  torch.bfloat16: ir.DataType.BFLOAT16, torch.float64: ir.DataType.DOUBLE}
 _FEATURE_DTYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE)  # what ArrayFeatureExtractor looks up
 _WORD_BITS = 32
-_UNPACK_NODE_BYTES = 400  # about what the unpack nodes of one tensor add to the file
+_UNPACK_NODE_BYTES = 300  # what the unpack nodes of one tensor add to the file (12-bit fields: 6 nodes)
 
 
 def to_onnx(packed_model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -132,6 +137,7 @@ def to_onnx(packed_model: nn.Module, example_inputs: torch.Tensor | Sequence[tor
 
     proto = ir.to_proto(model)
     _strip_annotations(proto)
+    _drop_default_attributes(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as e:
@@ -311,25 +317,31 @@ def _native_dtype(bits: int, opset: int) -> tuple[ir.DataType, Any]:
 # Graph rewriting.
 
 class _Builder:
-    """Appends one tensor's decode nodes to a list; small constants are initializers shared graph-wide."""
+    """Appends one tensor's decode nodes to a list; small constants are initializers shared graph-wide.
 
-    def __init__(self, graph: ir.Graph, prefix: str, constants: dict[tuple[str, bytes, str], ir.Value]) -> None:
+    Value names cost file bytes twice (producer and consumer), so they are short: ``m<position>.<step>``
+    for the tensor's values, ``m.<name>`` for the constants, made unique against `names` (all names taken).
+    """
+
+    def __init__(self, graph: ir.Graph, position: int, constants: dict[tuple[bytes, str, tuple[int, ...]], ir.Value],
+                 names: set[str]) -> None:
         self.graph = graph
-        self.prefix = prefix
+        self.prefix = f"m{position}"
         self.constants = constants
+        self.names = names
         self.nodes: list[ir.Node] = []
 
     def op(self, op_type: str, inputs: Sequence[ir.Value], name: str, domain: str = "", **attributes: Any) -> ir.Value:
-        node = ir.node(op_type, inputs, attributes or None, domain=domain)  # unnamed: names would cost file bytes
-        node.outputs[0].name = f"{self.prefix}.{name}"
+        node = ir.node(op_type, inputs, attributes or None, domain=domain)
+        node.outputs[0].name = _unique_name(self.names, f"{self.prefix}.{name}")
         self.nodes.append(node)
         return node.outputs[0]
 
     def const(self, values: np.ndarray, name: str) -> ir.Value:
-        key = (name, values.tobytes(), str(values.dtype))
+        """The initializer holding `values`, shared with every earlier use of equal values (named by the first)."""
+        key = (values.tobytes(), str(values.dtype), values.shape)
         if key not in self.constants:
-            unique = _unique_name(self.graph, f"momos.{name}")
-            self.constants[key] = _initializer(self.graph, unique, values)
+            self.constants[key] = _initializer(self.graph, _unique_name(self.names, f"m.{name}"), values)
         return self.constants[key]
 
 
@@ -353,9 +365,11 @@ def _insert_decoders(graph: ir.Graph, tensors: list[tuple[str, PackedTensor]], l
     """Replace each MoMos tensor's dense initializer by its decode subgraph; return the compressed initializers."""
     hidden: list[ir.Value] = []
     tables: dict[int, ir.Value] = {}
-    constants: dict[tuple[str, bytes, str], ir.Value] = {}
+    constants: dict[tuple[bytes, str, tuple[int, ...]], ir.Value] = {}
     first_use: dict[str, ir.Node] = {}  # decoders go right before their first consumer: short-lived in compact mode
+    names = {value.name for value in [*graph.inputs, *graph.initializers.values()]}
     for node in graph:
+        names.update(value.name for value in node.outputs)
         for value in node.inputs:
             if value is not None and value.is_initializer():
                 first_use.setdefault(value.name, node)
@@ -365,7 +379,7 @@ def _insert_decoders(graph: ir.Graph, tensors: list[tuple[str, PackedTensor]], l
             raise MoMosExportError(f"the exported graph has no initializer {fqn!r} for MoMos tensor {fqn!r}")
         table = packed.table
         if id(table) not in tables:
-            name = _unique_name(graph, f"momos.motifs.{table.name}")
+            name = _unique_name(names, f"momos.motifs.{table.name}")
             motifs = _motif_array(table)
             tables[id(table)] = _initializer(graph, name, motifs.T.copy() if lookup == "planes" else motifs,
                                              _MOTIF_DTYPES[table.config.motif_dtype])
@@ -373,13 +387,13 @@ def _insert_decoders(graph: ir.Graph, tensors: list[tuple[str, PackedTensor]], l
         if fqn not in first_use:  # an unused parameter: drop it from the file
             graph.initializers.pop(fqn)
             continue
-        b = _Builder(graph, f"momos{position}", constants)  # short intermediate names: they cost file bytes
+        b = _Builder(graph, position, constants, names)
         motifs = tables[id(table)]
         target = _TORCH_DTYPES[packed.dtype]
         # ArrayFeatureExtractor takes float/double only: half-width planes are looked up in float32 (exact).
         lookup_type = target if lookup == "gather" or target in _FEATURE_DTYPES else ir.DataType.FLOAT
         if motifs.dtype != lookup_type:
-            motifs = b.op("Cast", [motifs], "motifs_cast", to=lookup_type)
+            motifs = b.op("Cast", [motifs], "mcast", to=lookup_type)
         index_type = ir.DataType.INT64 if lookup == "planes" else ir.DataType.INT32
         gemm = _linear_gemm(dense, packed) if lookup == "planes" and lookup_type == target else None
         order = packed.mosaic.detach().cpu().numpy().astype(np.int64)
@@ -390,7 +404,7 @@ def _insert_decoders(graph: ir.Graph, tensors: list[tuple[str, PackedTensor]], l
         if gemm is not None:
             planes = b.op("ArrayFeatureExtractor", [motifs, indices], "planes", domain=_ML_DOMAIN)
             decoded = b.op("Reshape", [planes, b.const(np.array([-1, packed.shape[0]], np.int64), "in_out")],
-                           "decoded")
+                           "w")
             _permute_gemm_input(b, gemm, packed)
             graph.insert_before(gemm, b.nodes)
             dense.replace_all_uses_with(decoded)
@@ -401,16 +415,19 @@ def _insert_decoders(graph: ir.Graph, tensors: list[tuple[str, PackedTensor]], l
             planes = b.op("ArrayFeatureExtractor", [motifs, indices], "planes", domain=_ML_DOMAIN)
             blocks = b.op("Transpose", [planes], "blocks", perm=[1, 0])
         else:
-            blocks = b.op("Gather", [motifs, indices], "blocks", axis=0)
+            blocks = b.op("Gather", [motifs, indices], "rows", axis=0)
         if lookup_type != target:
-            blocks = b.op("Cast", [blocks], "blocks_cast", to=target)
+            blocks = b.op("Cast", [blocks], "rcast", to=target)
         padded = packed.num_blocks * table.block_size != packed.numel
         if padded:
             flat = b.op("Reshape", [blocks, b.const(np.array([-1], np.int64), "flat")], "flat")
             blocks = b.op("Slice", [flat, b.const(np.array([0], np.int64), "zero"),
-                                    b.const(np.array([packed.numel], np.int64), "numel")], "unpadded")
-        shape = b.const(np.array(packed.shape, np.int64), "shape")
-        decoded = b.op("Reshape", [blocks, shape], "decoded")
+                                    b.const(np.array([packed.numel], np.int64), "numel")], "cut")
+        if padded and len(packed.shape) == 1:
+            decoded = blocks
+        else:  # dim 0 as -1: weights that differ only there (and all 1-D tensors) share one shape constant
+            shape = [-1, *packed.shape[1:]] if packed.shape else []
+            decoded = b.op("Reshape", [blocks, b.const(np.array(shape, np.int64), "shape")], "w")
         graph.insert_before(first_use[fqn], b.nodes)
         dense.replace_all_uses_with(decoded)
         graph.initializers.pop(fqn)
@@ -418,11 +435,13 @@ def _insert_decoders(graph: ir.Graph, tensors: list[tuple[str, PackedTensor]], l
     return hidden
 
 
-def _unique_name(graph: ir.Graph, name: str) -> str:
+def _unique_name(names: set[str], name: str) -> str:
+    """`name`, or `name` with the first free numeric suffix; recorded in `names` as taken."""
     suffix = 1
     unique = name
-    while unique in graph.initializers:
-        unique, suffix = f"{name}.{suffix}", suffix + 1
+    while unique in names:
+        unique, suffix = f"{name}{suffix}", suffix + 1
+    names.add(unique)
     return unique
 
 
@@ -461,30 +480,29 @@ def _indices(graph: ir.Graph, b: _Builder, fqn: str, mosaic: np.ndarray, num_mot
     if not _bit_packs(mosaic.size, bits, layout):
         onnx_type, np_type = _native_dtype(bits, opset if layout == "native" else 0)
         stored = _initializer(graph, f"{fqn}.mosaic", mosaic.astype(np_type), onnx_type)
-        return b.op("Cast", [stored], "indices", to=index_type), stored
+        return b.op("Cast", [stored], "idx", to=index_type), stored
 
     fields = _FieldLayout.for_bits(bits)
-    stored = _initializer(graph, f"{fqn}.mosaic", pack_indices(mosaic, bits))
+    grid = _initializer(graph, f"{fqn}.mosaic", pack_indices(mosaic, bits).reshape(fields.words, -1))
     word, shift = fields.offsets()
     # Planes: row j of (F, G) is field j of every group; shifts are (F, 1) columns, so each broadcast spans a row.
-    grid = b.op("Reshape", [stored, b.const(np.array([fields.words, -1], np.int64), f"grid{bits}")], "grid")
-    lo = b.op("Gather", [grid, b.const(word.astype(np.int64), f"lo_word{bits}")], "lo", axis=0)
-    value = b.op("BitShift", [lo, b.const(shift.astype(np.uint32)[:, None], f"lo_shift{bits}")], "lo_bits",
+    lo = b.op("Gather", [grid, b.const(word.astype(np.int32), f"lo_word{bits}")], "lo", axis=0)
+    value = b.op("BitShift", [lo, b.const(shift.astype(np.uint32)[:, None], f"lo_shift{bits}")], "lo_s",
                  direction="RIGHT")
     if fields.crosses:
         # A field's high part: hi << (32 - shift). Fields that do not cross take shift 31 instead of 32 (which
         # BitShift leaves undefined): any shift >= bits puts hi above the mask.
-        hi_word = np.minimum(word + 1, fields.words - 1).astype(np.int64)
+        hi_word = np.minimum(word + 1, fields.words - 1).astype(np.int32)
         hi = b.op("Gather", [grid, b.const(hi_word, f"hi_word{bits}")], "hi", axis=0)
         hi_shift = np.minimum(_WORD_BITS - shift, _WORD_BITS - 1).astype(np.uint32)[:, None]
-        hi = b.op("BitShift", [hi, b.const(hi_shift, f"hi_shift{bits}")], "hi_bits", direction="LEFT")
-        value = b.op("BitwiseOr", [value, hi], "joined")
-    value = b.op("BitwiseAnd", [value, b.const(np.array((1 << bits) - 1, np.uint32), f"mask{bits}")], "fields")
-    value = b.op("Reshape", [value, b.const(np.array([-1], np.int64), "flat")], "stream")
-    if mosaic.size % fields.fields:
+        hi = b.op("BitShift", [hi, b.const(hi_shift, f"hi_shift{bits}")], "hi_s", direction="LEFT")
+        value = b.op("BitwiseOr", [value, hi], "or")
+    value = b.op("BitwiseAnd", [value, b.const(np.array((1 << bits) - 1, np.uint32), f"mask{bits}")], "and")
+    if mosaic.size % fields.fields:  # else the (F, G) planes, read row-major, are the stream as they stand
+        value = b.op("Reshape", [value, b.const(np.array([-1], np.int64), "flat")], "flat")
         value = b.op("Slice", [value, b.const(np.array([0], np.int64), "zero"),
-                               b.const(np.array([mosaic.size], np.int64), "num_blocks")], "stream_used")
-    return b.op("Cast", [value], "indices", to=index_type), stored
+                               b.const(np.array([mosaic.size], np.int64), "num_blocks")], "used")
+    return b.op("Cast", [value], "idx", to=index_type), grid
 
 
 def _optimize_around(model: ir.Model, hidden: list[ir.Value]) -> None:
@@ -512,22 +530,47 @@ def _name_batch_dim(graph: ir.Graph) -> None:
 
 
 def _strip_annotations(proto: onnx.ModelProto) -> None:
-    """Drop the exporter's per-node provenance (stack traces, module paths) and inferred value_info.
+    """Drop the exporter's provenance (stack traces, module paths, graph signature), node names and value_info.
 
-    They are several times larger than a small model's compressed weights; onnxruntime re-infers shapes.
+    They are several times larger than a small model's compressed weights; onnxruntime names nodes and
+    re-infers shapes itself.
     """
+    del proto.graph.metadata_props[:]
     for node in proto.graph.node:
         del node.metadata_props[:]
+        node.ClearField("name")
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.initializer]:
+        del value.metadata_props[:]
     del proto.graph.value_info[:]
 
 
+def _drop_default_attributes(proto: onnx.ModelProto) -> None:
+    """Remove attributes that restate their schema default (the exporter writes Gemm's alpha, beta, transA)."""
+    opsets = {o.domain: o.version for o in proto.opset_import}
+    for node in proto.graph.node:
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opsets.get(node.domain, 1), node.domain)
+        except onnx.defs.SchemaError:  # an op onnx does not know: keep what it says
+            continue
+        kept = []
+        for attribute in node.attribute:
+            default = schema.attributes[attribute.name].default_value if attribute.name in schema.attributes else None
+            if default is None or not default.name or default.type != attribute.type or \
+                    onnx.helper.get_attribute_value(default) != onnx.helper.get_attribute_value(attribute):
+                kept.append(attribute)
+        if len(kept) < len(node.attribute):
+            del node.attribute[:]
+            node.attribute.extend(kept)
+
+
 def _metadata(tensors: list[tuple[str, PackedTensor]], layout: str, opset: int) -> dict[str, str]:
-    """Compact JSON: distinct configs once, banks pointing at them, per-tensor k, index bits and storage."""
+    """Compact JSON: distinct configs once, banks (k, s, bits) pointing at them, each tensor as the list of its
+    `TENSOR_FIELDS` (bank, shape, storage); `momos.runtime.inspect` restores its k and bits from the bank."""
     from momos import __version__
 
     configs: list[dict[str, Any]] = []
     banks: dict[str, dict[str, Any]] = {}
-    per_tensor: dict[str, dict[str, Any]] = {}
+    per_tensor: dict[str, list[Any]] = {}
     for fqn, packed in tensors:
         table = packed.table
         k = table.num_motifs
@@ -542,8 +585,8 @@ def _metadata(tensors: list[tuple[str, PackedTensor]], layout: str, opset: int) 
             storage = _native_dtype(bits, opset if layout == "native" else 0)[0].name.lower()
         else:
             storage = f"uint32x{bits}"
-        per_tensor[fqn] = {"bank": table.name, "shape": list(packed.shape), "num_motifs": k,
-                           "index_bits": index_bits(k), "storage": storage}
+        fields = {"bank": table.name, "shape": list(packed.shape), "storage": storage}
+        per_tensor[fqn] = [fields[name] for name in meta.TENSOR_FIELDS]
     compact = {"separators": (",", ":")}
     return {meta.VERSION: __version__, meta.LAYOUT: layout, meta.OPSET: str(opset),
             meta.CONFIGS: json.dumps(configs, **compact), meta.BANKS: json.dumps(banks, **compact),

@@ -22,6 +22,7 @@ CONFIGS = "momos.configs"
 BANKS = "momos.banks"
 TENSORS = "momos.tensors"
 KEYS = (VERSION, LAYOUT, OPSET, CONFIGS, BANKS, TENSORS)
+TENSOR_FIELDS = ("bank", "shape", "storage")  # each tensor is stored as a list of these, to keep small files small
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,12 @@ def inspect(path: str | os.PathLike) -> ModelInfo:
     try:
         configs, banks, tensors = (json.loads(meta[k]) for k in (CONFIGS, BANKS, TENSORS))
         opset = int(meta[OPSET])
-    except ValueError as e:
-        raise MoMosFormatError(f"{os.fspath(path)!r} has malformed momos metadata: {e}") from e
+        tensors = {name: dict(zip(TENSOR_FIELDS, fields, strict=True)) for name, fields in tensors.items()}
+        for tensor in tensors.values():  # the file stores k and bits once per bank
+            bank = banks[tensor["bank"]]
+            tensor.update(num_motifs=bank["num_motifs"], index_bits=bank["index_bits"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise MoMosFormatError(f"{os.fspath(path)!r} has malformed momos metadata: {e!r}") from e
     return ModelInfo(
         path=os.fspath(path), file_bytes=os.path.getsize(path), momos_version=meta[VERSION],
         mosaic_layout=meta[LAYOUT], opset=opset,

@@ -18,6 +18,7 @@ import momos
 from momos import runtime
 from momos.errors import MoMosExportError
 from momos.export.onnx import pack_indices, require_runtime, unpack_indices
+from momos.models import mlp
 from momos.packed import index_bits, packed_tensors
 
 
@@ -99,6 +100,32 @@ def test_bit_packed_mosaic_keeps_the_file_within_the_momos_payload(wide_index_mo
     assert sizes["native"] > _size_bound(wide_index_model)  # uint16 indices break the bound, as the issue says
     info = runtime.inspect(tmp_path / "packed.onnx")
     assert info.tensors["0.weight"]["storage"] == "uint32x11"
+
+
+def test_planes_lookup_reads_bit_packed_mosaics(wide_index_model: nn.Module, tmp_path: Path) -> None:
+    x = torch.randn(3, 512)
+    momos.export.to_onnx(wide_index_model, x, tmp_path / "m.onnx", motif_lookup="planes")
+    for weights in runtime.WEIGHTS:
+        got = runtime.load(tmp_path / "m.onnx", weights).run({"input": x.numpy()})["output"]
+        assert np.abs(got - wide_index_model(x).detach().numpy()).max() <= 1e-5
+
+
+def test_digits_mlp_file_meets_the_size_goal(tmp_path: Path) -> None:
+    """The benchmark's goal on its digits MLP (10 small tensors, so the graph's own bytes weigh in):
+    momos/dense ONNX file bytes within 3% of c + ceil(log2 k)/(s*32)."""
+    torch.manual_seed(0)
+    model = mlp((64,), 10, hidden=256).eval()
+    config = momos.MoMosConfig(block_size=4, capacity=0.05)
+    packed = _packed(model, config)
+    x = torch.randn(2, 64)
+    program = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["output"],
+                                dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), verbose=False)
+    program.save(str(tmp_path / "dense.onnx"))
+    momos.export.to_onnx(packed, x, tmp_path / "momos.onnx")
+    bits = index_bits(next(p.table.num_motifs for _, p in packed_tensors(packed)))
+    goal = config.capacity + bits / (config.block_size * 32)
+    ratio = (tmp_path / "momos.onnx").stat().st_size / (tmp_path / "dense.onnx").stat().st_size
+    assert ratio <= 1.03 * goal, (ratio, goal)
 
 
 @settings(max_examples=60, deadline=None)
