@@ -1,59 +1,84 @@
 """Exact nearest-motif assignment of blocks that move a little at a time (the STE forward's hot path).
 
-Two facts from the triangle inequality make it cheap, and neither gives up exactness:
+Facts from the triangle inequality make it cheap, and none gives up exactness:
 
-- Drift bound. After an exact assignment, a block ``x0`` whose nearest motif is at distance ``d1`` and
-  whose second-nearest is at ``d2`` keeps its nearest motif while it stays closer than ``(d2 - d1) / 2``
-  to ``x0``. So a forward pass reassigns only the blocks that drifted that far since their last exact
-  assignment (`MosaicTracker`).
-- Neighbour lists. A block at distance ``r`` from motif ``a`` has every motif within distance ``t`` of it
-  inside the ball of radius ``r + t`` around ``a``. With each motif's nearest motifs listed
-  (`MotifIndex`), a reassigned block searches only its previous motif's list; the few blocks for which
-  the list is provably too short are searched against the whole bank.
+- Slack. A block at ``x`` is nearest to motif ``a`` while it stays closer to ``x`` than the nearest
+  Voronoi facet of ``a``'s cell, ``min_j (d_j^2 - d_a^2) / (2 |z_j - z_a|)``. So a forward pass looks
+  again only at the blocks that drifted that far since they were last evaluated (`MosaicTracker`).
+- Pairs. Closer than the second-nearest facet, the nearest motif is ``a`` or the motif ``b`` behind the
+  nearest facet: two distances decide. This is the common case under STE, whose updates drive blocks
+  back and forth across one facet (and Adam's shrinking steps pin them onto it).
+- Candidates. A search keeps, per block, the `FACETS` motifs with the nearest facets and a bound on the
+  distance to every other facet; within that bound of where it was searched, the nearest motif of a
+  block is one of these candidates. Only blocks that move beyond their bound are searched again.
+- Searches. On CPU with small blocks a KD-tree over the bank finds each block's `SEARCHED` nearest
+  motifs, the last one's distance bounding all others. Elsewhere each motif's `NEIGHBORS` nearest
+  motifs are listed (`MotifIndex`): a block at distance ``r`` from motif ``c`` has every motif within
+  ``t`` of it inside the ball of radius ``r + t`` around ``c``, so it searches only its previous motif's
+  list, and the whole bank where the list is provably too short.
 
-Every bound keeps a relative margin (`MARGIN`) for float rounding, and blocks with no provable margin
-(near ties) are handed to `momos.assign.nearest`, which decides ties; so the result always equals
-``assign.nearest(blocks, motifs)``.
+Distances are computed as `momos.assign` defines them (float64, coordinate by coordinate) and ties go to
+the lowest index as there; every bound keeps a relative margin (`MARGIN`) for float rounding, and motifs
+too close to separate from rounding are ties. So the result always equals ``assign.nearest(blocks,
+motifs)``, which decides the rare blocks where more than `SEARCHED` motifs tie.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from momos import assign
 
-# Motifs listed per motif: long enough that almost every reassigned block is settled by its list.
+# Motifs listed per motif (banks without a KD-tree): long enough to settle almost every search.
 NEIGHBORS = 64
+# Motifs besides the nearest a block keeps as candidates after a search: those with the nearest facets.
+FACETS = 6
+# Nearest motifs a KD-tree search fetches (at least FACETS + 2): more fetch slower, but bound farther.
+SEARCHED = 12
 # Relative margin kept below every exact bound for float rounding (ours and the assignment engine's).
 MARGIN = 1e-6
+# Banks searched with a KD-tree (CPU only): block sizes up to this, with at least this many motifs.
+_TREE_MAX_BLOCK = 8
+_TREE_MIN_MOTIFS = 256
+# Relative rounding allowed for cKDTree's float64 distances.
+_TREE_ROUNDING = 1e-9
+# Two motifs closer than this (relative to the block's distances) are a tie: rounding could order them.
+_TIE_SPACING = 1e-6
 # Elements of the largest temporary distance array.
 _CHUNK_ELEMENTS = 1 << 21
 
 
 @dataclass(frozen=True)
 class MotifIndex:
-    """Each motif's `NEIGHBORS` nearest motifs, complete within `reach`.
+    """What searches of one bank start from: a KD-tree over the motifs where that pays (CPU, small block
+    sizes, larger banks), else each motif's `NEIGHBORS` nearest motifs, complete within `reach`.
 
     `neighbors[a]` holds every motif closer to motif ``a`` than ``reach[a]`` (and some more, up to the
     list length); `motifs` is the bank in float64, the precision every distance here is computed in.
     """
 
     motifs: torch.Tensor  # (k, s) float64
-    neighbors: torch.Tensor  # (k, L) int64
-    reach: torch.Tensor  # (k,) float64
+    tree: Any = None  # scipy.spatial.cKDTree over `motifs`, or None
+    neighbors: torch.Tensor | None = None  # (k, L) int64 where there is no tree
+    reach: torch.Tensor | None = None  # (k,) float64 where there is no tree
 
     @classmethod
     def build(cls, motifs: torch.Tensor) -> MotifIndex:
-        """The index of a ``(k, s)`` bank: O(k^2 s) work, once per bank."""
+        """The index of a ``(k, s)`` bank, once per bank: O(k log k) for a tree, else O(k^2 s)."""
         z = motifs.detach().to(torch.float64)
-        k = z.shape[0]
+        k, s = z.shape
         if k <= NEIGHBORS:
             everyone = torch.arange(k, device=z.device).expand(k, k)
-            return cls(z, everyone, torch.full((k,), math.inf, dtype=torch.float64, device=z.device))
+            return cls(z, None, everyone, torch.full((k,), math.inf, dtype=torch.float64, device=z.device))
+        if z.device.type == "cpu" and s <= _TREE_MAX_BLOCK and k >= _TREE_MIN_MOTIFS:
+            from scipy.spatial import cKDTree  # imported on first use: scipy.spatial takes ~0.5 s to import
+
+            return cls(z, cKDTree(z.numpy()))
         squared, neighbors = [], []
         z_sq = (z * z).sum(1)
         step = max(1, _CHUNK_ELEMENTS // k)
@@ -66,7 +91,7 @@ class MotifIndex:
             squared.append(values[:, NEIGHBORS] - _rounding(rows, z_sq))
             neighbors.append(indices[:, :NEIGHBORS])
         reach = torch.cat(squared).clamp_min(0).sqrt()
-        return cls(z, torch.cat(neighbors), reach)
+        return cls(z, None, torch.cat(neighbors), reach)
 
 
 _INDEXES: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -99,100 +124,232 @@ def _rounding(x: torch.Tensor, z_sq: torch.Tensor) -> torch.Tensor:
     return 1e-12 * ((x * x).sum(1) + z_sq.max())
 
 
-def _full_search(x: torch.Tensor, index: MotifIndex) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest motif of each float64 row of `x` over the whole bank, and a slack radius it provably keeps
-    it within: half the gap between (bounds on) the nearest and second-nearest distances."""
-    z = index.motifs
-    z_sq = (z * z).sum(1)
-    k = z.shape[0]
-    nearest, radius = [], []
-    step = max(1, _CHUNK_ELEMENTS // k)
-    for start in range(0, x.shape[0], step):
-        rows = x[start:start + step]
-        values, indices = _squared_distances(rows, z, z_sq).topk(2, dim=1, largest=False)
-        error = _rounding(rows, z_sq)
-        d1 = (values[:, 0] + error).clamp_min(0).sqrt()
-        d2 = (values[:, 1] - error).clamp_min(0).sqrt()
-        nearest.append(indices[:, 0])
-        radius.append((d2 - d1) / 2 - MARGIN * (d1 + d2))
-    return torch.cat(nearest), torch.cat(radius)
+def _pad_listed(listed: torch.Tensor) -> torch.Tensor:
+    """`listed` ``(c, n)``, ``n >= 1``, widened to `FACETS` columns by repeating its first (a candidate
+    listed twice is harmless)."""
+    if listed.shape[1] >= FACETS:
+        return listed[:, :FACETS]
+    return torch.cat([listed, listed[:, :1].expand(-1, FACETS - listed.shape[1])], dim=1)
 
 
-def _list_search(x: torch.Tensor, centers: torch.Tensor,
-                 index: MotifIndex) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_full_search` within the neighbour list of each row's center motif, and where that list provably
-    held the answer (elsewhere the results are not to be used).
+def _exact_distances(x: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """D of each float64 row of `x` ``(c, s)`` to its candidate motifs ``(c, n, s)``, summed coordinate by
+    coordinate as `momos.assign` defines it, so that values equal here are equal there."""
+    d = (x[:, None, 0] - candidates[:, :, 0]).square_()
+    for i in range(1, x.shape[1]):
+        d += (x[:, None, i] - candidates[:, :, i]).square_()
+    return d
 
-    The radius is the distance to the nearest Voronoi facet among listed motifs, ``(d_j^2 - d_1^2) /
-    (2 |z_j - z_1|)``, capped by what the list's reach guarantees for the motifs off it; it is at least
-    the half-gap of `_full_search`, so blocks are reassigned less often.
+
+@dataclass
+class _Cell:
+    """Where a block lies among its candidate motifs: the nearest (``assign``'s answer among them), its
+    distance and the runner-up's, and the distance to each candidate's Voronoi facet with the nearest
+    (inf for the nearest itself, 0 for a motif too close to it to separate from rounding: a tie)."""
+
+    nearest: torch.Tensor  # (c,) int64
+    d1: torch.Tensor  # (c,) float64
+    d2: torch.Tensor  # (c,) float64
+    facet: torch.Tensor  # (c, n) float64
+
+    @classmethod
+    def of(cls, x: torch.Tensor, lists: torch.Tensor, z: torch.Tensor) -> _Cell:
+        candidates = z[lists]  # (c, n, s)
+        d = _exact_distances(x, candidates)
+        d1_sq = d.min(1).values
+        # The lowest index among the smallest D: assign's tie-break.
+        nearest = torch.where(d == d1_sq.unsqueeze(1), lists, torch.iinfo(torch.int64).max).min(1).values
+        own = lists == nearest.unsqueeze(1)
+        others = d.masked_fill(own, math.inf)
+        d1, d_j = d1_sq.sqrt(), others.sqrt()
+        spacing = (candidates - z[nearest].unsqueeze(1)).square_().sum(2).sqrt()  # |z_j - z_1|
+        separable = spacing > _TIE_SPACING * (d1.unsqueeze(1) + d_j)
+        facet = torch.where(separable, (others - d1_sq.unsqueeze(1)) / (2 * spacing), 0.0)
+        return cls(nearest, d1, d_j.min(1).values, facet.masked_fill_(own, math.inf))
+
+    def margin(self) -> torch.Tensor:
+        return MARGIN * (self.d1 + self.d2)
+
+
+def _settle(x: torch.Tensor, lists: torch.Tensor, rest: torch.Tensor,
+            index: MotifIndex) -> tuple[Search, torch.Tensor, torch.Tensor]:
+    """`Search` of each float64 row of `x` among the motifs `lists` ``(c, L)`` (distinct), given `rest`: a
+    lower bound on its distance to every motif off its list. Also where that proves the nearest on the
+    list (elsewhere the nearest is not to be used), and the runner-up too (a useful radius).
+
+    The radius is the distance to the nearest Voronoi facet, ``(d_j^2 - d_1^2) / (2 |z_j - z_1|)`` for
+    listed motifs and at least ``(rest - d_1) / 2`` for the others; the bound is the same beyond the
+    `FACETS` listed motifs with the nearest facets.
     """
+    cell = _Cell.of(x, lists, index.motifs)
+    off_list = (rest - cell.d1) / 2  # (d_j - d_1) / 2 for every motif j off the list
+    margin = cell.margin()
+    width = min(FACETS + 1, lists.shape[1] - 1)  # the nearest's own entry (inf) is never among them
+    nearest_facets, order = cell.facet.topk(width, dim=1, largest=False)
+    beyond = torch.full_like(off_list, math.inf)
+    radius = torch.minimum(nearest_facets[:, 0], off_list) - margin
+    pair_radius = torch.minimum(nearest_facets[:, 1] if width > 1 else beyond, off_list) - margin
+    bound = torch.minimum(nearest_facets[:, FACETS] if width > FACETS else beyond, off_list) - margin
+    found = Search(cell.nearest, radius, _pad_listed(lists.gather(1, order[:, :FACETS])), bound, pair_radius)
+    return found, cell.d1 * (1 + MARGIN) < rest, cell.d2 * (1 + MARGIN) < rest
+
+
+def _full_search(x: torch.Tensor, index: MotifIndex) -> tuple[Search, torch.Tensor]:
+    """`Search` of each float64 row of `x` among its `SEARCHED` nearest motifs (found by the KD-tree, or by
+    brute force), the last one's distance bounding all others; and where the nearest is proven (not so
+    only when that many motifs tie)."""
     z = index.motifs
-    lists = index.neighbors[centers]  # (c, L)
-    listed = z[lists]  # (c, L, s)
-    d_sq = (x.unsqueeze(1) - listed).square_().sum(2)  # exact differences: no expansion rounding
-    d1_sq, first = d_sq.min(1)
-    nearest = lists.gather(1, first.unsqueeze(1)).squeeze(1)
-    others = d_sq.scatter(1, first.unsqueeze(1), math.inf)
-    d1, d2 = d1_sq.sqrt(), others.min(1).values.sqrt()
-    r = (x - z[centers]).square_().sum(1).sqrt()
-    reach = index.reach[centers]
-    # A motif off the list lies at least reach - r from x; the list settles x if that exceeds d2.
-    settled = (r + d2) * (1 + MARGIN) < reach
-    spacing = (listed - z[nearest].unsqueeze(1)).square_().sum(2).sqrt()  # |z_j - z_1|
-    # A listed duplicate of the nearest motif (spacing 0) is a tie: no slack.
-    facet = torch.where(spacing > 0, (others - d1_sq.unsqueeze(1)) / (2 * spacing), 0.0)
-    facet.scatter_(1, first.unsqueeze(1), math.inf)
-    off_list = (reach - r - d1) / 2  # (d_j - d_1) / 2 for every motif j off the list
-    radius = torch.minimum(facet.min(1).values, off_list) - MARGIN * (d1 + d2)
-    return nearest, radius, settled
+    k = z.shape[0]
+    width = min(SEARCHED, k)
+    if index.tree is not None:
+        distance, indices = index.tree.query(x.numpy(), k=width, workers=torch.get_num_threads())
+        rest = torch.from_numpy(distance[:, -1]) * (1 - _TREE_ROUNDING)
+        lists = torch.from_numpy(indices).to(torch.int64)
+    else:
+        z_sq = (z * z).sum(1)
+        rests, found = [], []
+        step = max(1, _CHUNK_ELEMENTS // k)
+        for start in range(0, x.shape[0], step):
+            rows = x[start:start + step]
+            values, indices = _squared_distances(rows, z, z_sq).topk(width, dim=1, largest=False)
+            rests.append((values[:, -1] - _rounding(rows, z_sq)).clamp_min(0).sqrt())
+            found.append(indices)
+        rest, lists = torch.cat(rests), torch.cat(found)
+    if width == k:  # every motif listed
+        rest = torch.full_like(rest, math.inf)
+    found, proven, _ = _settle(x, lists, rest, index)
+    return found, proven
+
+
+@dataclass
+class Search:
+    """Per block: its nearest motif; the radius of a ball around the block in which that stays nearest;
+    the `FACETS` other motifs with the nearest Voronoi facets; and the radius of a ball in which the
+    nearest motif is always one of those or the nearest. Radii are float64 with the rounding margins
+    already taken; a radius <= 0 proves nothing."""
+
+    nearest: torch.Tensor  # (c,) int64
+    radius: torch.Tensor  # (c,) float64
+    listed: torch.Tensor  # (c, FACETS) int64, the nearest facet's first
+    bound: torch.Tensor  # (c,) float64
+    pair_radius: torch.Tensor  # (c,) float64: the nearest stays the nearest or the first listed
+
+    @staticmethod
+    def cat(parts: list[Search]) -> Search:
+        return Search(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Search)))
+
+    def put(self, rows: torch.Tensor, other: Search) -> None:
+        for f in fields(Search):
+            getattr(self, f.name)[rows] = getattr(other, f.name)
+
+
+def search(blocks: torch.Tensor, centers: torch.Tensor, index: MotifIndex) -> Search:
+    """`Search` of each block; its nearest motif equals ``assign.nearest(blocks, index.motifs)``.
+
+    With a KD-tree every block is searched in it; else within the neighbour list of its center motif
+    (`centers`: any motif indices, the closer to the nearest the better), and over the whole bank where
+    that list is provably too short.
+    """
+    x = blocks.detach().to(torch.float64)
+    m, k = x.shape[0], index.motifs.shape[0]
+    if k == 1:
+        inf = torch.full((m,), math.inf, dtype=torch.float64, device=x.device)
+        return Search(torch.zeros(m, dtype=torch.int64, device=x.device), inf,
+                      torch.zeros(m, FACETS, dtype=torch.int64, device=x.device), inf.clone(), inf.clone())
+    if index.tree is not None:
+        result, proven = _full_search(x, index)
+        ties = (~proven).nonzero().squeeze(1)
+    else:
+        parts, unproven = [], []
+        step = max(1, _CHUNK_ELEMENTS // (index.neighbors.shape[1] * x.shape[1]))
+        for start in range(0, m, step):
+            rows, own = x[start:start + step], centers[start:start + step]
+            # A motif off the center's list lies at least reach - r from the block.
+            rest = index.reach[own] - (rows - index.motifs[own]).square_().sum(1).sqrt()
+            part, _, settled = _settle(rows, index.neighbors[own], rest, index)
+            unsettled = (~settled).nonzero().squeeze(1)
+            if unsettled.numel():
+                found, proven = _full_search(rows[unsettled], index)
+                part.put(unsettled, found)
+                unproven.append(unsettled[~proven] + start)
+            parts.append(part)
+        result = Search.cat(parts)
+        ties = torch.cat(unproven) if unproven else torch.empty(0, dtype=torch.int64, device=x.device)
+    if ties.numel():  # more than `SEARCHED` motifs at one distance: the assignment engine decides
+        result.nearest[ties] = assign.nearest(blocks[ties], index.motifs.to(blocks.dtype))
+        for radius in (result.radius, result.bound, result.pair_radius):
+            radius[ties] = -1.0
+    return result
 
 
 def assign_with_slack(blocks: torch.Tensor, centers: torch.Tensor,
                       index: MotifIndex) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest motif of each block, equal to ``assign.nearest(blocks, index.motifs)``, and its squared
-    slack: a block closer than ``sqrt(slack)`` to where it is now keeps that nearest motif.
-
-    `centers` are any motif indices per block (the closer to the nearest, the cheaper the search). The
-    slack (float64) is negative where no margin can be proven (a near tie): such blocks must be
-    reassigned on every move, and their nearest motif is the assignment engine's tie-break.
-    """
-    x = blocks.detach().to(torch.float64)
-    m, k = x.shape[0], index.motifs.shape[0]
-    if k == 1:
-        return (torch.zeros(m, dtype=torch.int64, device=x.device),
-                torch.full((m,), math.inf, dtype=torch.float64, device=x.device))
-    nearest = torch.empty(m, dtype=torch.int64, device=x.device)
-    radius = torch.empty(m, dtype=torch.float64, device=x.device)
-    step = max(1, _CHUNK_ELEMENTS // (index.neighbors.shape[1] * x.shape[1]))
-    for start in range(0, m, step):
-        part = slice(start, start + step)
-        nearest[part], radius[part], settled = _list_search(x[part], centers[part], index)
-        unsettled = (~settled).nonzero().squeeze(1)
-        if unsettled.numel():
-            rows = unsettled + start
-            nearest[rows], radius[rows] = _full_search(x[rows], index)
-    slack = torch.where(radius > 0, radius * radius, -1.0)
-    ties = (radius <= 0).nonzero().squeeze(1)
-    if ties.numel():
-        nearest[ties] = assign.nearest(blocks[ties], index.motifs.to(blocks.dtype))
-    return nearest, slack
+    slack: a block closer than ``sqrt(slack)`` to where it is now keeps that nearest motif (negative
+    where no margin can be proven, a near tie)."""
+    found = search(blocks, centers, index)
+    return found.nearest, torch.where(found.radius > 0, found.radius.square(), -1.0)
 
 
 class MosaicTracker:
     """Follows ``assign.nearest(blocks, motifs)`` for one tensor across calls, reassigning only blocks
     that may have changed their nearest motif since their last exact assignment.
 
-    Holds a copy of the blocks as last assigned, their mosaic and slack: about the tensor's size again.
-    A different bank (a refresh, a load, another device or dtype) starts it over.
+    Each block is judged by how far it moved since its last evaluation: within its slack nothing can have
+    changed; within its pair slack only its motif and one partner can be nearest (two distances, the
+    usual case of a block oscillating across one facet, as STE makes them); within the bound of its last
+    search only its candidates can (``FACETS + 1`` distances); beyond that it is searched again. State:
+    two points and about 12 numbers per block, about 4.5 times a float32 tensor with s=4. A different
+    bank (a refresh, a load, another device or dtype) starts it over.
     """
 
     def __init__(self) -> None:
         self._index: MotifIndex | None = None  # of the bank the state belongs to
-        self._blocks = torch.empty(0)
-        self._mosaic = torch.empty(0, dtype=torch.int64)
+        self._mosaic = torch.empty(0, dtype=torch.int64)  # the latest answer
+        self._seen: tuple[int, int] | None = None  # (data pointer, version) of the blocks last followed
+        # Where each block was last evaluated, its nearest motif there, the motif behind its nearest
+        # facet, and the squared radii around it that keep the nearest (slack) and keep it one of the two
+        # (pair slack); negative radii prove nothing.
+        self._point = torch.empty(0)
+        self._owner = torch.empty(0, dtype=torch.int64)
+        self._partner = torch.empty(0, dtype=torch.int64)
         self._slack = torch.empty(0)
-        self.reassigned = 0  # blocks reassigned by the latest call, for diagnostics and benchmarks
+        self._pair_slack = torch.empty(0)
+        # Where each block was last searched, its candidates there (the nearest, then `FACETS` listed),
+        # and the radius around it in which the nearest motif is a candidate.
+        self._anchor = torch.empty(0)
+        self._candidates = torch.empty(0, FACETS + 1, dtype=torch.int32)
+        self._bound = torch.empty(0, dtype=torch.float64)
+        self.rechecked = 0  # blocks that moved past their slack in the latest call
+        self.searched = 0  # of those, blocks that left their bound and were searched again
+
+    def _reset(self, blocks: torch.Tensor, work: torch.dtype) -> None:
+        m, device = blocks.shape[0], blocks.device
+        self._mosaic = torch.empty(m, dtype=torch.int64, device=device)
+        self._point = torch.empty(blocks.shape, dtype=work, device=device)
+        self._anchor = torch.empty(blocks.shape, dtype=work, device=device)
+        self._owner = torch.empty(m, dtype=torch.int64, device=device)
+        self._partner = torch.empty(m, dtype=torch.int64, device=device)
+        self._slack = torch.empty(m, dtype=work, device=device)
+        self._pair_slack = torch.empty(m, dtype=work, device=device)
+        self._candidates = torch.empty(m, FACETS + 1, dtype=torch.int32, device=device)
+        self._bound = torch.empty(m, dtype=torch.float64, device=device)
+
+    def _evaluated(self, rows: torch.Tensor | slice, blocks: torch.Tensor, nearest: torch.Tensor,
+                   partner: torch.Tensor, radius: torch.Tensor, pair_radius: torch.Tensor) -> None:
+        work = self._slack.dtype
+        self._point[rows] = blocks.to(work)
+        self._owner[rows] = nearest
+        self._partner[rows] = partner
+        self._slack[rows] = torch.where(radius > 0, radius.square(), -1.0).to(work)
+        self._pair_slack[rows] = torch.where(pair_radius > 0, pair_radius.square(), -1.0).to(work)
+
+    def _search(self, rows: torch.Tensor | slice, blocks: torch.Tensor, centers: torch.Tensor) -> None:
+        found = search(blocks, centers, self._index)
+        self._anchor[rows] = blocks.to(self._anchor.dtype)
+        self._candidates[rows] = torch.cat([found.nearest.unsqueeze(1), found.listed], 1).to(torch.int32)
+        self._bound[rows] = found.bound
+        self._evaluated(rows, blocks, found.nearest, found.listed[:, 0], found.radius, found.pair_radius)
 
     def mosaic(self, blocks: torch.Tensor, motifs: torch.Tensor, guess: torch.Tensor) -> torch.Tensor:
         """``assign.nearest(blocks, motifs.to(blocks.dtype))`` for `blocks` ``(m, s)`` and the bank tensor
@@ -204,22 +361,58 @@ class MosaicTracker:
         blocks = blocks.detach()
         work = torch.promote_types(blocks.dtype, torch.float32)
         index = motif_index(motifs, blocks.dtype)
-        if self._index is not index or self._blocks.shape != blocks.shape or self._blocks.dtype != work \
-                or self._blocks.device != blocks.device:
+        seen = (blocks.data_ptr(), blocks._version)
+        if self._index is not index or self._point.shape != blocks.shape or self._point.dtype != work \
+                or self._point.device != blocks.device:
             self._index = index
-            self._blocks = blocks.to(work, copy=True)
-            self._mosaic, slack = assign_with_slack(blocks, guess.to(blocks.device), index)
-            self._slack = slack.to(work)
-            self.reassigned = blocks.shape[0]
+            self._reset(blocks, work)
+            self._search(slice(None), blocks, guess.to(blocks.device))
+            self._mosaic.copy_(self._owner)
+            self.rechecked = self.searched = blocks.shape[0]
+            self._seen = seen
             return self._mosaic
-        drift = (blocks.to(work) - self._blocks).square_().sum(1)
+        if seen == self._seen:  # the same storage, not written since: nothing moved
+            self.rechecked = self.searched = 0
+            return self._mosaic
+        self._seen = seen
+        self._mosaic.copy_(self._owner)
+        drift = (blocks.to(work) - self._point).square_().sum(1)
         moved = (drift >= self._slack).nonzero().squeeze(1)
-        self.reassigned = moved.numel()
-        if self.reassigned:
-            rows = blocks[moved]
-            self._mosaic[moved], slack = assign_with_slack(rows, self._mosaic[moved], index)
-            self._slack[moved] = slack.to(work)
-            self._blocks[moved] = rows.to(work)
+        self.rechecked, self.searched = moved.numel(), 0
+        if not self.rechecked:
+            return self._mosaic
+        z = index.motifs
+        in_pair = drift[moved] < self._pair_slack[moved]
+        pair = moved[in_pair]
+        if pair.numel():
+            owner, partner = self._owner[pair], self._partner[pair]
+            x = blocks[pair].to(torch.float64)
+            d = _exact_distances(x, z[torch.stack([owner, partner], 1)])
+            # The nearer of the two; on equal D the lower index (assign's tie-break).
+            second = (d[:, 1] < d[:, 0]) | ((d[:, 1] == d[:, 0]) & (partner < owner))
+            self._mosaic[pair] = torch.where(second, partner, owner)
+        rows = moved[~in_pair]
+        if not rows.numel():
+            return self._mosaic
+        x = blocks[rows].to(torch.float64)
+        # How far each block still is inside the bound of its last search (exact differences).
+        left = self._bound[rows] - (x - self._anchor[rows].to(torch.float64)).square_().sum(1).sqrt()
+        candidates = self._candidates[rows].long()
+        cell = _Cell.of(x, candidates, z)
+        margin = cell.margin()
+        inside = left > margin
+        nearest_facets, order = cell.facet.topk(2, dim=1, largest=False)
+        radius = torch.minimum(nearest_facets[:, 0], left) - margin
+        pair_radius = torch.minimum(nearest_facets[:, 1], left) - margin
+        kept = inside.nonzero().squeeze(1)
+        self._evaluated(rows[kept], blocks[rows[kept]], cell.nearest[kept],
+                        candidates[kept].gather(1, order[kept, :1]).squeeze(1), radius[kept], pair_radius[kept])
+        self._mosaic[rows[kept]] = cell.nearest[kept]
+        lost = rows[~inside]
+        self.searched = lost.numel()
+        if self.searched:
+            self._search(lost, blocks[lost], self._owner[lost])
+            self._mosaic[lost] = self._owner[lost]
         return self._mosaic
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -10,7 +11,7 @@ import momos
 from momos import assign
 from momos.api import prepared_tensors
 from momos.blocks import to_blocks
-from momos.incremental import NEIGHBORS, MosaicTracker, assign_with_slack, motif_index
+from momos.incremental import NEIGHBORS, MosaicTracker, assign_with_slack, motif_index, search
 
 
 def _bank(seed: int, k: int, s: int, duplicates: bool) -> torch.Tensor:
@@ -23,7 +24,7 @@ def _bank(seed: int, k: int, s: int, duplicates: bool) -> torch.Tensor:
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**16), k=st.sampled_from([1, 2, 7, NEIGHBORS, 3 * NEIGHBORS]),
+@given(seed=st.integers(0, 2**16), k=st.sampled_from([1, 2, 7, NEIGHBORS, 3 * NEIGHBORS, 300]),
        s=st.sampled_from([1, 2, 4]), duplicates=st.booleans(),
        scales=st.lists(st.sampled_from([0.0, 1e-4, 1e-2, 0.3, 3.0]), min_size=1, max_size=6))
 def test_tracker_equals_full_assignment_along_a_random_walk(seed: int, k: int, s: int, duplicates: bool,
@@ -40,7 +41,7 @@ def test_tracker_equals_full_assignment_along_a_random_walk(seed: int, k: int, s
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**16), k=st.sampled_from([2, 5, 3 * NEIGHBORS]))
+@given(seed=st.integers(0, 2**16), k=st.sampled_from([2, 5, 3 * NEIGHBORS, 300]))
 def test_slack_is_a_safe_radius(seed: int, k: int) -> None:
     """Any move shorter than the slack keeps the nearest motif (checked on the slack's own boundary)."""
     g = torch.Generator().manual_seed(seed)
@@ -55,29 +56,67 @@ def test_slack_is_a_safe_radius(seed: int, k: int) -> None:
     assert torch.equal(assign.nearest(moved[safe], motifs), nearest[safe])
 
 
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.sampled_from([2, 5, 3 * NEIGHBORS, 300]), s=st.sampled_from([2, 4]))
+def test_search_radii_confine_the_nearest_motif(seed: int, k: int, s: int) -> None:
+    """Within the pair radius the nearest motif is the nearest or the first listed one; within the bound
+    it is the nearest or any listed one (checked just inside each radius, in random directions)."""
+    g = torch.Generator().manual_seed(seed)
+    motifs = torch.randn(k, s, generator=g, dtype=torch.float64)
+    blocks = torch.randn(200, s, generator=g, dtype=torch.float64)
+    found = search(blocks, torch.zeros(200, dtype=torch.int64), motif_index(motifs, torch.float64))
+    assert torch.equal(found.nearest, assign.nearest(blocks, motifs))
+    for radius, allowed in ((found.pair_radius, found.listed[:, :1]), (found.bound, found.listed)):
+        safe = radius > 0
+        radius = torch.where(torch.isfinite(radius), radius, 10.0)  # unbounded: any move
+        direction = torch.nn.functional.normalize(torch.randn(200, s, generator=g, dtype=torch.float64), dim=1)
+        moved = blocks + direction * radius.clamp_min(0).unsqueeze(1) * 0.999
+        candidates = torch.cat([found.nearest.unsqueeze(1), allowed], 1)
+        assert (candidates == assign.nearest(moved, motifs).unsqueeze(1)).any(1)[safe].all()
+
+
+def test_tracker_follows_blocks_oscillating_across_a_facet() -> None:
+    """STE drives blocks back and forth across the facet between two motifs by ever smaller steps: each
+    call must still give assign's answer, ties (exactly on the facet) included."""
+    g = torch.Generator().manual_seed(0)
+    motifs = torch.randn(300, 4, generator=g)
+    pairs = torch.randint(0, 300, (500, 2), generator=g)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    middle = (motifs[pairs[:, 0]] + motifs[pairs[:, 1]]) / 2
+    across = torch.nn.functional.normalize(motifs[pairs[:, 1]] - motifs[pairs[:, 0]], dim=1)
+    tracker = MosaicTracker()
+    guess = torch.zeros(middle.shape[0], dtype=torch.int64)
+    for step in range(12):
+        blocks = middle + across * ((-1) ** step) * 10.0 ** -(step % 7)
+        assert torch.equal(tracker.mosaic(blocks, motifs, guess), assign.nearest(blocks, motifs))
+    assert tracker.searched < tracker.rechecked  # most calls settled without a search
+
+
 def test_tracker_reassigns_only_moved_blocks_and_restarts_on_a_new_bank() -> None:
     g = torch.Generator().manual_seed(0)
     motifs = torch.randn(50, 4, generator=g)
     blocks = torch.randn(1000, 4, generator=g)
     tracker = MosaicTracker()
     tracker.mosaic(blocks, motifs, torch.zeros(1000, dtype=torch.int64))
-    assert tracker.reassigned == 1000
+    assert tracker.rechecked == 1000
     tracker.mosaic(blocks, motifs, torch.zeros(1000, dtype=torch.int64))
-    assert tracker.reassigned == 0
+    assert tracker.rechecked == 0
     blocks[:10] += 5.0
     assert torch.equal(tracker.mosaic(blocks, motifs, torch.zeros(1000, dtype=torch.int64)),
                        assign.nearest(blocks, motifs))
-    assert 0 < tracker.reassigned <= 10
+    assert 0 < tracker.rechecked <= 10
     motifs.copy_(torch.randn(50, 4, generator=g))  # an in-place refresh
     assert torch.equal(tracker.mosaic(blocks, motifs, torch.zeros(1000, dtype=torch.int64)),
                        assign.nearest(blocks, motifs))
-    assert tracker.reassigned == 1000
+    assert tracker.rechecked == 1000
 
 
-def test_ste_training_forward_is_the_full_assignment_at_every_step() -> None:
+@pytest.mark.parametrize(("block_size", "capacity", "width"), [(2, 0.2, 64), (4, 0.25, 256)])  # lists; KD-tree
+def test_ste_training_forward_is_the_full_assignment_at_every_step(block_size: int, capacity: float,
+                                                                   width: int) -> None:
     torch.manual_seed(0)
-    model = momos.prepare(torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4)),
-                          momos.MoMosConfig(block_size=2, capacity=0.2, mode="ste"))
+    model = momos.prepare(torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.ReLU(), torch.nn.Linear(width, 4)),
+                          momos.MoMosConfig(block_size=block_size, capacity=capacity, mode="ste"))
     momos.refresh(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
@@ -90,5 +129,5 @@ def test_ste_training_forward_is_the_full_assignment_at_every_step() -> None:
             momos.refresh(model)
         for _, param, latent in prepared_tensors(model):
             motifs = param.bank.motifs
-            expected = motifs[assign.nearest(to_blocks(latent, 2), motifs)].reshape(-1)[:param.numel]
+            expected = motifs[assign.nearest(to_blocks(latent, block_size), motifs)].reshape(-1)[:param.numel]
             assert torch.equal(param(latent).detach().reshape(-1), expected)
