@@ -30,6 +30,18 @@ Motif lookups (``motif_lookup``):
   ConstantFolding does not fold ai.onnx.ml ops, so a "planes" file decodes at every run even when
   loaded with ``weights="folded"`` (measured: folded = compact latency). Export with "gather" for folding.
 
+Why "gather" stays the default although compact runs miss 5x dense (measured on one 1024x1024 Linear,
+k = 13107, batch 1, 2 cores; dense 0.3 ms): Gather costs the same with int32 or int64 indices (9.2 vs
+9.4 ns per index) and GatherND no less (10x dense with native mosaics); the only faster standard op
+is ``GatherElements(axis=1)`` over (s, k) planes with the indices Expanded to (s, m): 8.1x with a
+Transpose back to (m, s), 7.4x for a Linear weight with a block-row transpose, against 11x for Gather
+(packed mosaics). Made the default for tensors of 16K+ blocks, it took the digits MLP from 16.4x to
+12.3x but the 10M MLP from 27x to 32x (a 2 MB table outgrows the 1 MB L2: four plane misses per
+block instead of one row miss, and the (s, m) Transpose moves 40 MB) and cost the digits file 500
+bytes of nodes (its size goal's whole margin). The floor with packed mosaics: the unpack alone is
+about 2.2x dense (six elementwise passes over the indices), the "planes" lookup 5.8x in all
+(native mosaics 3.6x); numpy's ``take`` of the rows would be 1.2x.
+
 How folding is prevented: the model is exported by ``torch.onnx.export(dynamo=True, optimize=False)``
 with dense stand-ins for the MoMos tensors (named by their fully-qualified names), the stand-ins are
 swapped for decode subgraphs with onnx-ir, and onnxscript's optimizer then cleans the rest of the graph
