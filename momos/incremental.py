@@ -299,8 +299,8 @@ class MosaicTracker:
     changed; within its pair slack only its motif and one partner can be nearest (two distances, the
     usual case of a block oscillating across one facet, as STE makes them); within the bound of its last
     search only its candidates can (``FACETS + 1`` distances); beyond that it is searched again. State:
-    two points and about 12 numbers per block, about 4.5 times a float32 tensor with s=4. A different
-    bank (a refresh, a load, another device or dtype) starts it over.
+    two points and 15 numbers per block, 100 bytes per float32 block of 4 (6.25 times the tensor). A
+    different bank (a refresh, a load, another device or dtype) starts it over.
     """
 
     def __init__(self) -> None:
