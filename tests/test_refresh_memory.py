@@ -73,5 +73,5 @@ def test_one_chunk_per_tensor_gives_the_one_pass_distortion_bit_for_bit():
     before = {name: weight.detach().clone() for name, _, weight in prepared_tensors(model)}
     stats = momos.refresh(model)
     for name, _, weight in prepared_tensors(model):
-        diff = (before[name] - weight).double()
+        diff = (before[name] - weight.detach()).double()
         assert stats.tensors[name].distortion == float((diff * diff).sum())
