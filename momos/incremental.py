@@ -306,7 +306,6 @@ class MosaicTracker:
     def __init__(self) -> None:
         self._index: MotifIndex | None = None  # of the bank the state belongs to
         self._mosaic = torch.empty(0, dtype=torch.int64)  # the latest answer
-        self._seen: tuple[int, int] | None = None  # (data pointer, version) of the blocks last followed
         # Where each block was last evaluated, its nearest motif there, the motif behind its nearest
         # facet, and the squared radii around it that keep the nearest (slack) and keep it one of the two
         # (pair slack); negative radii prove nothing.
@@ -361,7 +360,6 @@ class MosaicTracker:
         blocks = blocks.detach()
         work = torch.promote_types(blocks.dtype, torch.float32)
         index = motif_index(motifs, blocks.dtype)
-        seen = (blocks.data_ptr(), blocks._version)
         if self._index is not index or self._point.shape != blocks.shape or self._point.dtype != work \
                 or self._point.device != blocks.device:
             self._index = index
@@ -369,12 +367,9 @@ class MosaicTracker:
             self._search(slice(None), blocks, guess.to(blocks.device))
             self._mosaic.copy_(self._owner)
             self.rechecked = self.searched = blocks.shape[0]
-            self._seen = seen
             return self._mosaic
-        if seen == self._seen:  # the same storage, not written since: nothing moved
-            self.rechecked = self.searched = 0
-            return self._mosaic
-        self._seen = seen
+        # No shortcut on the tensor's version counter: writes through `.data` do not bump it, and padded
+        # blocks are a fresh copy each call.
         self._mosaic.copy_(self._owner)
         drift = (blocks.to(work) - self._point).square_().sum(1)
         moved = (drift >= self._slack).nonzero().squeeze(1)

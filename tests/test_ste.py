@@ -131,3 +131,18 @@ def test_ste_training_forward_is_the_full_assignment_at_every_step(block_size: i
             motifs = param.bank.motifs
             expected = motifs[assign.nearest(to_blocks(latent, block_size), motifs)].reshape(-1)[:param.numel]
             assert torch.equal(param(latent).detach().reshape(-1), expected)
+
+
+def test_ste_forward_follows_writes_the_version_counter_does_not_see() -> None:
+    """Weights changed through ``.data`` (old-style optimizers) or padded tensors (a fresh block copy per
+    call) must still get the full assignment of what they hold now."""
+    torch.manual_seed(0)
+    model = momos.prepare(torch.nn.Sequential(torch.nn.Linear(8, 40), torch.nn.Linear(40, 3)),  # bias 3: padded
+                          momos.MoMosConfig(block_size=4, capacity=0.3, mode="ste"))
+    momos.refresh(model)
+    for _ in range(3):
+        for _, param, latent in prepared_tensors(model):
+            latent.data.add_(0.05 * torch.randn_like(latent))
+            motifs = param.bank.motifs
+            expected = motifs[assign.nearest(to_blocks(latent, 4), motifs)].reshape(-1)[:param.numel]
+            assert torch.equal(param(latent).detach().reshape(-1), expected)
