@@ -282,15 +282,6 @@ def search(blocks: torch.Tensor, centers: torch.Tensor, index: MotifIndex) -> Se
     return result
 
 
-def assign_with_slack(blocks: torch.Tensor, centers: torch.Tensor,
-                      index: MotifIndex) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest motif of each block, equal to ``assign.nearest(blocks, index.motifs)``, and its squared
-    slack: a block closer than ``sqrt(slack)`` to where it is now keeps that nearest motif (negative
-    where no margin can be proven, a near tie)."""
-    found = search(blocks, centers, index)
-    return found.nearest, torch.where(found.radius > 0, found.radius.square(), -1.0)
-
-
 class MosaicTracker:
     """Follows ``assign.nearest(blocks, motifs)`` for one tensor across calls, reassigning only blocks
     that may have changed their nearest motif since their last exact assignment.

@@ -11,7 +11,7 @@ import momos
 from momos import assign
 from momos.api import prepared_tensors
 from momos.blocks import to_blocks
-from momos.incremental import NEIGHBORS, MosaicTracker, assign_with_slack, motif_index, search
+from momos.incremental import NEIGHBORS, MosaicTracker, motif_index, search
 
 
 def _bank(seed: int, k: int, s: int, duplicates: bool) -> torch.Tensor:
@@ -47,12 +47,12 @@ def test_slack_is_a_safe_radius(seed: int, k: int) -> None:
     g = torch.Generator().manual_seed(seed)
     motifs = torch.randn(k, 3, generator=g, dtype=torch.float64)
     blocks = torch.randn(200, 3, generator=g, dtype=torch.float64)
-    nearest, slack = assign_with_slack(blocks, torch.zeros(200, dtype=torch.int64), motif_index(motifs,
-                                                                                               torch.float64))
+    found = search(blocks, torch.zeros(200, dtype=torch.int64), motif_index(motifs, torch.float64))
+    nearest, radius = found.nearest, found.radius
     assert torch.equal(nearest, assign.nearest(blocks, motifs))
-    safe = slack > 0
+    safe = radius > 0
     direction = torch.nn.functional.normalize(torch.randn(200, 3, generator=g, dtype=torch.float64), dim=1)
-    moved = blocks + direction * slack.clamp_min(0).sqrt().unsqueeze(1) * 0.999
+    moved = blocks + direction * radius.clamp_min(0).unsqueeze(1) * 0.999
     assert torch.equal(assign.nearest(moved[safe], motifs), nearest[safe])
 
 
