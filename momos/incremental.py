@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -37,9 +38,9 @@ from momos import assign
 # Motifs listed per motif (banks without a KD-tree): long enough to settle almost every search.
 NEIGHBORS = 64
 # Motifs besides the nearest a block keeps as candidates after a search: those with the nearest facets.
-FACETS = 6
+FACETS = 10
 # Nearest motifs a KD-tree search fetches (at least FACETS + 2): more fetch slower, but bound farther.
-SEARCHED = 12
+SEARCHED = 24
 # Relative margin kept below every exact bound for float rounding (ours and the assignment engine's).
 MARGIN = 1e-6
 # Banks searched with a KD-tree (CPU only): block sizes up to this, with at least this many motifs.
@@ -51,6 +52,12 @@ _TREE_ROUNDING = 1e-9
 _TIE_SPACING = 1e-6
 # Elements of the largest temporary distance array.
 _CHUNK_ELEMENTS = 1 << 21
+# Largest bank (motifs x block size) in which the compiled pass searches a block its neighbour lists do not
+# settle by brute force: up to here that costs less than leaving the loop for a KD-tree query.
+_BRUTE_FORCE = 1 << 14
+# On CPU the per-block loops run compiled (`momos.kernels`, numba); False runs the torch version
+# everywhere, which computes the same answers (the tests compare both).
+KERNELS = True
 
 
 @dataclass(frozen=True)
@@ -66,19 +73,25 @@ class MotifIndex:
     tree: Any = None  # scipy.spatial.cKDTree over `motifs`, or None
     neighbors: torch.Tensor | None = None  # (k, L) int64 where there is no tree
     reach: torch.Tensor | None = None  # (k,) float64 where there is no tree
+    # The compiled CPU loops' neighbour lists, each built on first use (O(k s)): (k, L) int32 lists,
+    # (k,) float64 reaches and (k,) bool built flags, as numpy arrays; None off the CPU.
+    lazy: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def build(cls, motifs: torch.Tensor) -> MotifIndex:
         """The index of a ``(k, s)`` bank, once per bank: O(k log k) for a tree, else O(k^2 s)."""
         z = motifs.detach().to(torch.float64)
         k, s = z.shape
+        lazy = None
+        if KERNELS and z.device.type == "cpu":
+            lazy = (np.empty((k, min(NEIGHBORS, k)), dtype=np.int32), np.empty(k), np.zeros(k, dtype=np.bool_))
         if k <= NEIGHBORS:
             everyone = torch.arange(k, device=z.device).expand(k, k)
-            return cls(z, None, everyone, torch.full((k,), math.inf, dtype=torch.float64, device=z.device))
+            return cls(z, None, everyone, torch.full((k,), math.inf, dtype=torch.float64, device=z.device), lazy)
         if z.device.type == "cpu" and s <= _TREE_MAX_BLOCK and k >= _TREE_MIN_MOTIFS:
             from scipy.spatial import cKDTree  # imported on first use: scipy.spatial takes ~0.5 s to import
 
-            return cls(z, cKDTree(z.numpy()))
+            return cls(z, cKDTree(z.numpy()), lazy=lazy)
         squared, neighbors = [], []
         z_sq = (z * z).sum(1)
         step = max(1, _CHUNK_ELEMENTS // k)
@@ -91,7 +104,7 @@ class MotifIndex:
             squared.append(values[:, NEIGHBORS] - _rounding(rows, z_sq))
             neighbors.append(indices[:, :NEIGHBORS])
         reach = torch.cat(squared).clamp_min(0).sqrt()
-        return cls(z, None, torch.cat(neighbors), reach)
+        return cls(z, None, torch.cat(neighbors), reach, lazy)
 
 
 _INDEXES: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -181,6 +194,19 @@ def _settle(x: torch.Tensor, lists: torch.Tensor, rest: torch.Tensor,
     listed motifs and at least ``(rest - d_1) / 2`` for the others; the bound is the same beyond the
     `FACETS` listed motifs with the nearest facets.
     """
+    if KERNELS and x.device.type == "cpu":
+        from momos import kernels
+
+        c = x.shape[0]
+        found = Search(torch.empty(c, dtype=torch.int64), torch.empty(c, dtype=torch.float64),
+                       torch.empty(c, FACETS, dtype=torch.int64), torch.empty(c, dtype=torch.float64),
+                       torch.empty(c, dtype=torch.float64))
+        proven, runner_up = torch.empty(c, dtype=torch.bool), torch.empty(c, dtype=torch.bool)
+        kernels.settle(x.contiguous().numpy(), lists.contiguous().numpy(), rest.contiguous().numpy(),
+                       index.motifs.numpy(), found.nearest.numpy(), found.radius.numpy(),
+                       found.listed.numpy(), found.bound.numpy(), found.pair_radius.numpy(), proven.numpy(),
+                       runner_up.numpy())
+        return found, proven, runner_up
     cell = _Cell.of(x, lists, index.motifs)
     off_list = (rest - cell.d1) / 2  # (d_j - d_1) / 2 for every motif j off the list
     margin = cell.margin()
@@ -310,10 +336,17 @@ class MosaicTracker:
         self._anchor = torch.empty(0)
         self._candidates = torch.empty(0, FACETS + 1, dtype=torch.int32)
         self._bound = torch.empty(0, dtype=torch.float64)
+        self._lost = torch.empty(0, dtype=torch.int64)  # the compiled pass's list of blocks left to search
+        self._arrays: tuple | None = None
         self.rechecked = 0  # blocks that moved past their slack in the latest call
         self.searched = 0  # of those, blocks that left their bound and were searched again
 
-    def _reset(self, blocks: torch.Tensor, work: torch.dtype) -> None:
+    def __getstate__(self) -> dict:
+        """Copies and pickles start over, empty: the state is a cache 7x the size of the tensor (and its numpy
+        views would not follow a copy of the tensors they view)."""
+        return MosaicTracker().__dict__
+
+    def _reset(self, blocks: torch.Tensor, work: torch.dtype, index: MotifIndex) -> None:
         m, device = blocks.shape[0], blocks.device
         self._mosaic = torch.empty(m, dtype=torch.int64, device=device)
         self._point = torch.empty(blocks.shape, dtype=work, device=device)
@@ -324,6 +357,12 @@ class MosaicTracker:
         self._pair_slack = torch.empty(m, dtype=work, device=device)
         self._candidates = torch.empty(m, FACETS + 1, dtype=torch.int32, device=device)
         self._bound = torch.empty(m, dtype=torch.float64, device=device)
+        self._lost = torch.empty(m, dtype=torch.int64, device=device)
+        # The compiled pass's view of the state, in its argument order (numpy views share the memory).
+        compiled = KERNELS and index.lazy is not None and index.motifs.shape[0] > 1
+        self._arrays = None if not compiled else tuple(t.numpy() for t in (
+            self._point, self._owner, self._partner, self._slack, self._pair_slack, self._anchor,
+            self._candidates, self._bound, self._mosaic, self._lost))
 
     def _evaluated(self, rows: torch.Tensor | slice, blocks: torch.Tensor, nearest: torch.Tensor,
                    partner: torch.Tensor, radius: torch.Tensor, pair_radius: torch.Tensor) -> None:
@@ -354,13 +393,24 @@ class MosaicTracker:
         if self._index is not index or self._point.shape != blocks.shape or self._point.dtype != work \
                 or self._point.device != blocks.device:
             self._index = index
-            self._reset(blocks, work)
-            self._search(slice(None), blocks, guess.to(blocks.device))
-            self._mosaic.copy_(self._owner)
+            self._reset(blocks, work, index)
+            guess = guess.to(blocks.device)
+            if self._arrays is not None:
+                from momos import kernels
+
+                self._owner.copy_(guess)  # where a block's neighbour search proves nothing, its search starts
+                ties = kernels.start(blocks.to(work).numpy(), index.motifs.numpy(), guess.numpy(), *index.lazy,
+                                     *self._arrays)
+                self._search_lost(ties, blocks)
+            else:
+                self._search(slice(None), blocks, guess)
+                self._mosaic.copy_(self._owner)
             self.rechecked = self.searched = blocks.shape[0]
             return self._mosaic
         # No shortcut on the tensor's version counter: writes through `.data` do not bump it, and padded
         # blocks are a fresh copy each call.
+        if self._arrays is not None:
+            return self._compiled_step(blocks.to(work), index)
         self._mosaic.copy_(self._owner)
         drift = (blocks.to(work) - self._point).square_().sum(1)
         moved = (drift >= self._slack).nonzero().squeeze(1)
@@ -400,6 +450,38 @@ class MosaicTracker:
             self._search(lost, blocks[lost], self._owner[lost])
             self._mosaic[lost] = self._owner[lost]
         return self._mosaic
+
+    def _compiled_step(self, blocks: torch.Tensor, index: MotifIndex) -> torch.Tensor:
+        """The incremental call above as one compiled pass (`momos.kernels`); blocks it could not settle
+        (rare: far from every motif they were near) are searched here."""
+        from momos import kernels
+
+        k, s = index.motifs.shape
+        self.rechecked, self.searched, lost = kernels.step(blocks.numpy(), index.motifs.numpy(), *index.lazy,
+                                                           *self._arrays, SEARCHED if k * s <= _BRUTE_FORCE else 0)
+        self._search_lost(lost, blocks)
+        return self._mosaic
+
+    def _search_lost(self, count: int, blocks: torch.Tensor) -> None:
+        """Search the first `count` blocks listed in `_lost`: in the bank's KD-tree, recorded by a compiled
+        pass, where there is one; the torch way (`search`) where not, or where many motifs tie."""
+        if not count:
+            return
+        rows = self._lost[:count].clone()
+        if self._index.tree is not None:
+            from momos import kernels
+
+            z = self._index.motifs
+            width = min(SEARCHED, z.shape[0])
+            x = blocks[rows].to(torch.float64).numpy()
+            distance, lists = self._index.tree.query(x, k=width, workers=torch.get_num_threads())
+            rest = distance[:, -1] * (1 - _TREE_ROUNDING) if width < z.shape[0] else np.full(count, np.inf)
+            ties = kernels.adopt(rows.numpy(), x, lists.astype(np.int64, copy=False), rest, z.numpy(),
+                                 *self._arrays)
+            rows = rows[self._lost[:ties].clone()]
+        if rows.numel():
+            self._search(rows, blocks[rows], self._owner[rows])
+            self._mosaic[rows] = self._owner[rows]
 
 
 @torch.library.custom_op("momos::nearest", mutates_args=())

@@ -1,0 +1,72 @@
+"""The compiled CPU loops compute what `momos.incremental`'s torch version defines."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from momos import incremental, kernels
+from momos.incremental import FACETS, Search, motif_index
+
+
+def _torch_settle(x: torch.Tensor, lists: torch.Tensor, rest: torch.Tensor,
+                  motifs: torch.Tensor) -> tuple[Search, torch.Tensor, torch.Tensor]:
+    previous = incremental.KERNELS
+    incremental.KERNELS = False
+    try:
+        return incremental._settle(x, lists, rest, motif_index(motifs, torch.float64))
+    finally:
+        incremental.KERNELS = previous
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.sampled_from([2, 3, 12, 40]), s=st.sampled_from([1, 2, 4, 8]),
+       width=st.sampled_from([2, 5, FACETS + 2, 24]))
+def test_settle_equals_the_torch_settle(seed: int, k: int, s: int, width: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    motifs = torch.randn(k, s, generator=g, dtype=torch.float64)
+    x = torch.randn(100, s, generator=g, dtype=torch.float64)
+    width = min(width, k)
+    lists = torch.stack([torch.randperm(k, generator=g)[:width] for _ in range(100)])  # distinct per row
+    # Lower bounds on the off-list distances: exact, loose, or too small to prove anything.
+    off = torch.where(torch.arange(k) == lists[..., None], math.inf, torch.cdist(x, motifs)[:, None, :]).amin((1, 2))
+    rest = off * torch.rand(100, generator=g, dtype=torch.float64).clamp_min(0.5) if width < k else off
+    want, want_proven, want_runner_up = _torch_settle(x, lists, rest, motifs)
+    c = x.shape[0]
+    got = Search(torch.empty(c, dtype=torch.int64), torch.empty(c, dtype=torch.float64),
+                 torch.empty(c, FACETS, dtype=torch.int64), torch.empty(c, dtype=torch.float64),
+                 torch.empty(c, dtype=torch.float64))
+    proven, runner_up = torch.empty(c, dtype=torch.bool), torch.empty(c, dtype=torch.bool)
+    kernels.settle(x.numpy(), lists.numpy(), rest.numpy(), motifs.numpy(), got.nearest.numpy(), got.radius.numpy(),
+                   got.listed.numpy(), got.bound.numpy(), got.pair_radius.numpy(), proven.numpy(), runner_up.numpy())
+    assert torch.equal(got.nearest, want.nearest)
+    assert torch.equal(proven, want_proven)
+    assert torch.equal(runner_up, want_runner_up)
+    assert torch.equal(got.listed, want.listed)
+    for name in ("radius", "bound", "pair_radius"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-12, atol=1e-15)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.sampled_from([1, 5, 64, 65, 300]), duplicates=st.booleans())
+def test_neighbour_lists_hold_the_nearest_motifs_and_a_safe_reach(seed: int, k: int, duplicates: bool) -> None:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(k, 4, generator=g, dtype=torch.float64)
+    if duplicates and k > 4:
+        z[1:4] = z[0]  # equal distances: the lowest index first
+    index = motif_index(z, torch.float64)
+    neighbors, reach, built = index.lazy
+    width = neighbors.shape[1]
+    best_d, best_j = np.empty(width + 1), np.empty(width + 1, dtype=np.int64)
+    d = sum((z[:, None, c] - z[None, :, c]) ** 2 for c in range(4))  # D of every pair, coordinate by coordinate
+    for center in range(k):
+        kernels._near(z.numpy(), center, neighbors, reach, built, best_d, best_j)
+        order = torch.from_numpy(np.argsort(d[center].numpy(), kind="stable"))
+        assert torch.equal(torch.from_numpy(neighbors[center]).long(), order[:width])
+        off_list = d[center][order[width:]]
+        assert reach[center] == (math.sqrt(off_list.min().item()) if k > width else math.inf)
+    assert built.all()
