@@ -52,23 +52,26 @@ def _settle_row(x, i, lists, z, listed, row, d, facet, order):
     (repeating the first when fewer are listed). `d`, `facet` and `order` are scratch space."""
     width = lists.shape[0]
     facets = listed.shape[1]
-    d1_sq = math.inf
+    d1_sq, d2_sq = math.inf, math.inf  # d2: the nearest of the motifs other than the nearest
     best = -1
     for j in range(width):
         d[j] = _distance(x, i, z, lists[j])
         if d[j] < d1_sq or (d[j] == d1_sq and lists[j] < best):
+            if lists[j] != best:
+                d2_sq = min(d2_sq, d1_sq)
             d1_sq, best = d[j], lists[j]
+        elif lists[j] != best:
+            d2_sq = min(d2_sq, d[j])
     d1 = math.sqrt(d1_sq)
-    d2 = math.inf
     count = 0  # order[:count]: the nearest facets so far, nearest first, at most facets + 1
     for j in range(width):
         if lists[j] == best:
             continue
         dj = math.sqrt(d[j])
-        d2 = min(d2, dj)
-        # Every facet is at least (d_j - d_1) / 2 away (triangle inequality): skip the exact distance of one
-        # that cannot be among the nearest kept (with a relative allowance far above rounding).
-        if count == facets + 1 and not (dj - d1) * (0.5 - _SKIP_ROUNDING) < facet[order[facets]]:
+        # A facet is at least (d_j - d_1) / 2 away (triangle inequality): one that cannot be among the nearest
+        # kept is skipped (with an allowance far above rounding), unless it may be a tie (facet 0, below).
+        if count == facets + 1 and (dj - d1) * (0.5 - _SKIP_ROUNDING) >= facet[order[facets]] \
+                and dj - d1 > 2 * _TIE_SPACING * (d1 + dj):
             continue
         spacing = 0.0
         for c in range(x.shape[1]):
@@ -90,7 +93,7 @@ def _settle_row(x, i, lists, z, listed, row, d, facet, order):
     first = facet[order[0]] if count > 0 else math.inf
     second = facet[order[1]] if count > 1 else math.inf
     beyond = facet[order[facets]] if count > facets else math.inf
-    return best, d1, d2, first, second, beyond
+    return best, d1, math.sqrt(d2_sq), first, second, beyond
 
 
 @numba.njit(cache=True, nogil=True)
