@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -20,10 +21,12 @@ from momos.parametrize import (
     MoMosParametrization,
     MotifBank,
     RefreshStats,
+    is_sharded,
     latent,
     momos_of,
     refresh_bank,
     register,
+    whole,
 )
 
 GLOBAL_BANK = "global"
@@ -98,6 +101,12 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     forward uses (a bank never refreshed is refreshed first).
     """
     banks = _banks(model)
+    for name, module, tensor_name in (member for _, members in banks for member in members):
+        if is_sharded(latent(module, tensor_name)):
+            raise MoMosStateError(
+                f"tensor {name!r} is sharded (FSDP), and convert packs whole tensors: gather a full state dict "
+                "(torch.distributed.checkpoint.state_dict.get_model_state_dict with full_state_dict=True), load "
+                "it into the same model prepared without FSDP, and convert that")
     if not inplace:
         model = copy.deepcopy(model)
         for module in model.modules():
@@ -111,7 +120,7 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         table = MotifTable(bank.name, bank.config, bank.motifs.detach().clone())
         for _, module, tensor_name in members:
             param = momos_of(module, tensor_name)
-            weight = latent(module, tensor_name)
+            weight = whole(latent(module, tensor_name))
             mosaic = param.mosaic
             if bank.config.mode == "ste":
                 mosaic = assign.nearest(to_blocks(weight, bank.block_size), bank.motifs.to(weight.dtype))
@@ -133,7 +142,7 @@ def _stale(bank: MotifBank, members: list[Member]) -> bool:
         return False
     motifs = bank.motifs
     for _, module, tensor_name in members:
-        weight = latent(module, tensor_name)
+        weight = whole(latent(module, tensor_name))
         if not torch.equal(weight, reconstruct(motifs, momos_of(module, tensor_name).mosaic, weight.shape,
                                                dtype=weight.dtype)):
             return True
@@ -175,11 +184,22 @@ def _banks(model: nn.Module) -> list[tuple[MotifBank, list[Member]]]:
     if not members:
         state = "converted" if is_packed(model) else "not prepared"
         raise MoMosStateError(f"model is {state}: call momos.prepare(model, config) first")
+    _refuse_flat_sharding(model)
     groups: dict[int, tuple[MotifBank, list[Member]]] = {}
     for member in members:
         bank = momos_of(member[1], member[2]).bank
         groups.setdefault(id(bank), (bank, []))[1].append(member)
     return list(groups.values())
+
+
+def _refuse_flat_sharding(model: nn.Module) -> None:
+    """FSDP1 (`FullyShardedDataParallel`) keeps parameters in flat shards and leaves module tensors pointing
+    at freed storage between forwards: reading them would read garbage (or crash), so say so instead."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # never imported: nothing is wrapped in it
+    if fsdp is not None and any(isinstance(module, fsdp.FullyShardedDataParallel) for module in model.modules()):
+        raise MoMosStateError("model is wrapped in FullyShardedDataParallel (FSDP1), whose flat parameter shards "
+                              "momos cannot read between forwards: shard it with FSDP2's "
+                              "torch.distributed.fsdp.fully_shard instead")
 
 
 def prepared_tensors(model: nn.Module) -> Iterator[tuple[str, MoMosParametrization, torch.Tensor]]:

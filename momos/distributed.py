@@ -18,10 +18,16 @@ if at all) identically on every rank, as the usual same-seed construction does.
 CUDA: the same holds with the nccl backend (all-reduce results are identical on every rank); it is
 not tested here, as the test machines have no GPU.
 
-FSDP: not supported yet. A refresh needs the whole of every tensor sharing a bank (the bank is drawn
-from all its blocks, and the mosaic covers the whole tensor), while FSDP2's ``fully_shard`` turns each
-parameter into a DTensor shard, so a per-rank refresh would draw different banks from different shards.
-Supporting it needs either an all-gather of the bank's blocks at refresh or a sharded (per-shard) bank.
+FSDP2 (``fully_shard``, CPU/gloo tested): prepare, then shard; no extra user code. Between forwards each
+parameter is a DTensor shard, while a bank is drawn from all its blocks and a mosaic covers the whole
+tensor, so a refresh all-gathers the tensors of each bank (`momos.parametrize.whole`: one all-gather of
+the parameters, as a forward does), computes the same bank and mosaic on every rank, and in hard mode
+writes back each rank's own shard. Forwards see FSDP's unsharded parameters, so STE works as usual.
+`momos.convert` refuses sharded parameters (it packs whole tensors, and FSDP modules cannot be copied):
+gather a full state dict (``get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))``
+from ``torch.distributed.checkpoint.state_dict``), load it into the model prepared without FSDP, and
+convert that. The older FSDP1 wrapper (``FullyShardedDataParallel``) is not supported: its flat
+parameters mix tensors, which a parametrization cannot see through.
 """
 
 from __future__ import annotations

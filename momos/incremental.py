@@ -399,8 +399,8 @@ class MosaicTracker:
                 from momos import kernels
 
                 self._owner.copy_(guess)  # where a block's neighbour search proves nothing, its search starts
-                ties = kernels.start(blocks.to(work).numpy(), index.motifs.numpy(), guess.numpy(), *index.lazy,
-                                     *self._arrays)
+                ties = kernels.start(blocks.to(work, copy=True).numpy(), index.motifs.numpy(), guess.clone().numpy(),
+                                     *index.lazy, *self._arrays)
                 self._search_lost(ties, blocks)
             else:
                 self._search(slice(None), blocks, guess)
@@ -410,7 +410,9 @@ class MosaicTracker:
         # No shortcut on the tensor's version counter: writes through `.data` do not bump it, and padded
         # blocks are a fresh copy each call.
         if self._arrays is not None:
-            return self._compiled_step(blocks.to(work), index)
+            # A copy: numpy's view of a tensor makes its storage unresizable, and FSDP frees the storage of
+            # unsharded parameters by resizing it after each backward.
+            return self._compiled_step(blocks.to(work, copy=True), index)
         self._mosaic.copy_(self._owner)
         drift = (blocks.to(work) - self._point).square_().sum(1)
         moved = (drift >= self._slack).nonzero().squeeze(1)

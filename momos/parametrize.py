@@ -9,6 +9,7 @@ assign every block, and (hard mode) write the reconstruction back into the weigh
 from __future__ import annotations
 
 import math
+import sys
 import zlib
 from dataclasses import dataclass, field
 
@@ -224,6 +225,19 @@ def latent(module: nn.Module, tensor_name: str) -> torch.Tensor:
     return module.parametrizations[tensor_name].original
 
 
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor (a shard of a tensor, as FSDP2 keeps parameters between forwards)."""
+    dtensor = sys.modules.get("torch.distributed.tensor")  # never imported (0.9 s): no tensor is one
+    return dtensor is not None and isinstance(tensor, dtensor.DTensor)
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or the whole tensor behind a sharded one (a DTensor: FSDP2's parameters between forwards),
+    all-gathered: a bank is drawn from all its blocks and a mosaic covers every block. Every rank gets the
+    same values, so every rank computes the same bank and mosaic."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
 def momos_of(module: nn.Module, tensor_name: str) -> MoMosParametrization:
     return module.parametrizations[tensor_name][0]
 
@@ -239,7 +253,8 @@ def refresh_bank(bank: MotifBank, members: list[Member]) -> tuple[BankStats, lis
     config = bank.config
     s = bank.block_size
     with torch.no_grad():
-        weights = [latent(module, tensor_name) for _, module, tensor_name in members]
+        originals = [latent(module, tensor_name) for _, module, tensor_name in members]
+        weights = [whole(original) for original in originals]  # sharded (FSDP2) parameters: all-gathered copies
         for (name, _, _), weight in zip(members, weights, strict=True):
             if not torch.isfinite(weight).all():
                 raise MoMosValueError(f"tensor {name!r} holds NaN or Inf values; cannot refresh it")
@@ -255,7 +270,7 @@ def refresh_bank(bank: MotifBank, members: list[Member]) -> tuple[BankStats, lis
         tensor_stats = []
         usage = torch.zeros(bank.num_motifs, dtype=torch.int64)
         chunk = max(1, _REFRESH_CHUNK // s) * s  # whole blocks, so only a tensor's last chunk is padded
-        for (name, module, tensor_name), weight in zip(members, weights, strict=True):
+        for (name, module, tensor_name), weight, original in zip(members, weights, originals, strict=True):
             param = momos_of(module, tensor_name)
             table = motifs.to(weight.dtype)
             flat = weight.view(-1) if weight.is_contiguous() else weight.flatten()  # a copy if not contiguous
@@ -274,6 +289,11 @@ def refresh_bank(bank: MotifBank, members: list[Member]) -> tuple[BankStats, lis
                 counts += torch.bincount(own, minlength=bank.num_motifs)
             if config.mode == "hard" and not weight.is_contiguous():
                 weight.copy_(flat.view(weight.shape))
+            if config.mode == "hard" and original is not weight:  # each rank keeps its own shard of the result
+                from torch.distributed.tensor import distribute_tensor
+
+                original.copy_(distribute_tensor(weight, original.device_mesh, original.placements,
+                                                 src_data_rank=None))
             param.distortion.fill_(distortion)
             usage += counts
             tensor_stats.append(TensorStats(name, bank.name, param.numel, param.num_blocks, bank.num_motifs,

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import momos
 from momos.distributed import exclude_from_ddp_sync
-from momos.parametrize import MoMosParametrization, MotifBank
+from momos.parametrize import MoMosParametrization, MotifBank, is_sharded, whole
 
 WORLD = 2
 STEPS = 6
@@ -35,9 +35,10 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(8, 12, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(STEPS)]
 
 
-def _train(model: nn.Module, rank: int, world: int) -> None:
+def _train(model: nn.Module, rank: int, world: int, wrapped: bool | None = None) -> None:
     """STEPS AdamW steps, each on this rank's contiguous share of the global batch, refreshing the
     (wrapped or plain) model every REFRESH_EVERY steps and once before training."""
+    wrapped = world > 1 if wrapped is None else wrapped
     momos.refresh(model)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     for step, (x, y) in enumerate(_batches(), 1):
@@ -48,7 +49,7 @@ def _train(model: nn.Module, rank: int, world: int) -> None:
         opt.step()
         if step % REFRESH_EVERY == 0:
             stats = momos.refresh(model)
-            assert all(name.startswith("module.") for name in stats.tensors) == (world > 1)
+            assert all(name.startswith("module.") for name in stats.tensors) == wrapped
 
 
 def _worker(rank: int, port: int, mode: str, out: str) -> None:
@@ -64,6 +65,22 @@ def _worker(rank: int, port: int, mode: str, out: str) -> None:
         assert excluded and not synced & momos_buffers
         _train(ddp, rank, WORLD)
         torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_worker(rank: int, port: int, mode: str, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        model = fully_shard(_model(mode))  # in place: every parameter becomes a DTensor shard
+        assert all(is_sharded(p) for p in model.parameters())
+        _train(model, rank, WORLD, wrapped=False)
+        with pytest.raises(momos.MoMosStateError, match="sharded"):
+            momos.convert(model)
+        torch.save({k: whole(v).detach() for k, v in model.state_dict().items()}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -90,6 +107,50 @@ def test_ddp_replicas_agree_and_match_one_process(mode: str, tmp_path: Path) -> 
         else:
             assert torch.equal(ranks[0][key], value), f"{key} differs from the single-process run"
     assert int(ranks[0]["0.parametrizations.weight.0.bank.refreshes"]) == 1 + STEPS // REFRESH_EVERY
+
+
+@pytest.mark.parametrize("mode", ["hard", "ste"])
+def test_fsdp_shards_agree_and_match_one_process(mode: str, tmp_path: Path) -> None:
+    """FSDP2 (`fully_shard`): each refresh all-gathers the bank's tensors, so every rank draws the same
+    bank and mosaic, and training equals one process on the same global batch. The full state dict
+    loads into the unsharded prepared model, which converts."""
+    mp.spawn(_fsdp_worker, args=(_free_port(), mode, str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    single = _model(mode)
+    _train(single, 0, 1)
+    expected = single.state_dict()
+    assert ranks[0].keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), f"{key} differs between ranks"
+        if value.is_floating_point():
+            torch.testing.assert_close(ranks[0][key], value, rtol=1e-5, atol=1e-6, equal_nan=True, msg=key)
+        else:
+            assert torch.equal(ranks[0][key], value), f"{key} differs from the single-process run"
+    unsharded = _model(mode)
+    unsharded.load_state_dict(ranks[0])
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(momos.convert(unsharded)(x), unsharded(x), rtol=0, atol=0)
+
+
+def _fsdp1_worker(rank: int, port: int) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=1)
+    try:
+        wrapped = FullyShardedDataParallel(_model("hard"), device_id=torch.device("cpu"))
+        wrapped(torch.randn(2, 12)).sum().backward()
+        for call in (momos.refresh, momos.convert):
+            with pytest.raises(momos.MoMosStateError, match="fully_shard"):
+                call(wrapped)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp1_is_refused_with_the_way_out() -> None:
+    """FSDP1's flat shards leave the module's tensors on freed storage between forwards (reading them
+    crashed): refresh and convert say so and point to FSDP2."""
+    mp.spawn(_fsdp1_worker, args=(_free_port(),), nprocs=1, join=True)
 
 
 def test_exclude_from_ddp_sync_needs_a_prepared_model() -> None:
