@@ -395,6 +395,9 @@ class MosaicTracker:
             self._index = index
             self._reset(blocks, work, index)
             guess = guess.to(blocks.device)
+            if guess.shape != (blocks.shape[0],) or (guess.numel() and not 0 <= int(guess.min()) <= int(guess.max())
+                                                      < index.motifs.shape[0]):
+                guess = torch.zeros(blocks.shape[0], dtype=torch.int64, device=blocks.device)  # any valid start
             if self._arrays is not None:
                 from momos import kernels
 

@@ -231,3 +231,15 @@ def test_a_copied_model_tracks_its_own_weights() -> None:
         param, latent = m.parametrizations.weight[0], m.parametrizations.weight.original
         expected = param.bank.motifs[assign.nearest(to_blocks(latent, 4), param.bank.motifs)].reshape(32, 16)
         assert torch.equal(m.weight, expected)
+
+
+@ENGINES
+def test_tracker_starts_from_any_guess_even_an_invalid_one(compiled: bool) -> None:
+    """The start mosaic only speeds the first call up: out-of-range or misshapen guesses (a corrupted
+    state dict) still give assign's answer, never a read outside the bank."""
+    g = torch.Generator().manual_seed(0)
+    motifs = torch.randn(300, 4, generator=g)
+    blocks = torch.randn(200, 4, generator=g)
+    for guess in (torch.full((200,), 300), torch.full((200,), -1), torch.zeros(7, dtype=torch.int64)):
+        with engine(compiled):
+            assert torch.equal(MosaicTracker().mosaic(blocks, motifs, guess), assign.nearest(blocks, motifs))
