@@ -146,16 +146,13 @@ def _searched(i, x, r, lists, rest, z, point, owner, partner, slack, pair_slack,
 
 
 @numba.njit(cache=True, nogil=True)
-def _near(z, center, neighbors, reach, built, best_d, best_j):
-    """Motif `center`'s list of its ``L`` nearest motifs (itself included; the lowest index first among
-    equals) and its reach, a lower bound on the distance of every other motif; built on first use."""
-    if built[center]:
-        return
-    k, width = z.shape[0], neighbors.shape[1]
-    wanted = min(width + 1, k)
+def _nearest(x, i, z, wanted, best_d, best_j):
+    """Brute force over the bank: the `wanted` (at most k) smallest D of row `i` of `x` into
+    ``best_d[:wanted]`` in increasing order and their motifs into `best_j` (the lowest index first among
+    equals); returns how many were found (``min(wanted, k)``)."""
     count = 0
-    for j in range(k):
-        dj = _distance(z, center, z, j)
+    for j in range(z.shape[0]):
+        dj = _distance(x, i, z, j)
         if count == wanted and not dj < best_d[wanted - 1]:
             continue
         t = min(count, wanted - 1)
@@ -164,9 +161,20 @@ def _near(z, center, neighbors, reach, built, best_d, best_j):
             t -= 1
         best_d[t], best_j[t] = dj, j
         count = min(count + 1, wanted)
+    return count
+
+
+@numba.njit(cache=True, nogil=True)
+def _near(z, center, neighbors, reach, built, best_d, best_j):
+    """Motif `center`'s list of its ``L`` nearest motifs (itself included; the lowest index first among
+    equals) and its reach, a lower bound on the distance of every other motif; built on first use."""
+    if built[center]:
+        return
+    width = neighbors.shape[1]
+    _nearest(z, center, z, width + 1, best_d, best_j)
     for j in range(width):
         neighbors[center, j] = best_j[j]
-    reach[center] = math.sqrt(best_d[width]) if k > width else math.inf
+    reach[center] = math.sqrt(best_d[width]) if z.shape[0] > width else math.inf
     built[center] = True
 
 
@@ -224,21 +232,10 @@ def adopt(rows, x, lists, rest, z, point, owner, partner, slack, pair_slack, anc
 @numba.njit(cache=True, nogil=True)
 def _search_all(i, x, z, searched, point, owner, partner, slack, pair_slack, anchor, candidates, bound, d, facet,
                 order, best_d, best_j):
-    """Search block `i` of `x` among its `searched` nearest motifs, found by brute force over the bank (in
-    index order: the lowest index first among equals); True where that proves its nearest motif."""
-    k = z.shape[0]
-    count = 0
-    for j in range(k):
-        dj = _distance(x, i, z, j)
-        if count == searched and not dj < best_d[count - 1]:
-            continue
-        t = min(count, searched - 1)
-        while t > 0 and best_d[t - 1] > dj:
-            best_d[t], best_j[t] = best_d[t - 1], best_j[t - 1]
-            t -= 1
-        best_d[t], best_j[t] = dj, j
-        count = min(count + 1, searched)
-    rest = math.sqrt(best_d[count - 1]) if count < k else math.inf
+    """Search block `i` of `x` among its `searched` nearest motifs, found by brute force over the bank; True
+    where that proves its nearest motif."""
+    count = _nearest(x, i, z, searched, best_d, best_j)
+    rest = math.sqrt(best_d[count - 1]) if count < z.shape[0] else math.inf
     return _searched(i, x, i, best_j[:count], rest, z, point, owner, partner, slack, pair_slack, anchor, candidates,
                      bound, d, facet, order)
 
