@@ -17,6 +17,10 @@ Facts from the triangle inequality make it cheap, and none gives up exactness:
   ``t`` of it inside the ball of radius ``r + t`` around ``c``, so it searches only its previous motif's
   list, and the whole bank where the list is provably too short.
 
+On CPU (`KERNELS`) the tracker's per-step pass, its restart on a new bank and the settling of searches
+run as compiled loops (`momos.kernels`), which first search a block again among the neighbour list of its
+nearest candidate, built on first use for any bank; this module's torch version serves other devices.
+
 Distances are computed as `momos.assign` defines them (float64, coordinate by coordinate) and ties go to
 the lowest index as there; every bound keeps a relative margin (`MARGIN`) for float rounding, and motifs
 too close to separate from rounding are ties. So the result always equals ``assign.nearest(blocks,
@@ -316,7 +320,7 @@ class MosaicTracker:
     changed; within its pair slack only its motif and one partner can be nearest (two distances, the
     usual case of a block oscillating across one facet, as STE makes them); within the bound of its last
     search only its candidates can (``FACETS + 1`` distances); beyond that it is searched again. State:
-    two points and 15 numbers per block, 100 bytes per float32 block of 4 (6.25 times the tensor). A
+    two points and 18 numbers per block, 124 bytes per float32 block of 4 (7.75 times the tensor). A
     different bank (a refresh, a load, another device or dtype) starts it over.
     """
 
@@ -342,8 +346,8 @@ class MosaicTracker:
         self.searched = 0  # of those, blocks that left their bound and were searched again
 
     def __getstate__(self) -> dict:
-        """Copies and pickles start over, empty: the state is a cache 7x the size of the tensor (and its numpy
-        views would not follow a copy of the tensors they view)."""
+        """Copies and pickles start over, empty: the state is a cache 7.75x the size of the tensor (and its
+        numpy views would not follow a copy of the tensors they view)."""
         return MosaicTracker().__dict__
 
     def _reset(self, blocks: torch.Tensor, work: torch.dtype, index: MotifIndex) -> None:
