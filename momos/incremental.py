@@ -41,6 +41,9 @@ from momos import assign
 
 # Motifs listed per motif (banks without a KD-tree): long enough to settle almost every search.
 NEIGHBORS = 64
+# Motifs listed per motif for the compiled loops, whose search is a vectorized pass over the list: long
+# enough that blocks far from every motif rarely fall back to brute force (1.5 KB per motif used).
+KERNEL_NEIGHBORS = 128
 # Motifs besides the nearest a block keeps as candidates after a search: those with the nearest facets.
 FACETS = 10
 # Nearest motifs a KD-tree search fetches (at least FACETS + 2): more fetch slower, but bound farther.
@@ -77,9 +80,27 @@ class MotifIndex:
     tree: Any = None  # scipy.spatial.cKDTree over `motifs`, or None
     neighbors: torch.Tensor | None = None  # (k, L) int64 where there is no tree
     reach: torch.Tensor | None = None  # (k,) float64 where there is no tree
-    # The compiled CPU loops' neighbour lists, each built on first use (O(k s)): (k, L) int32 lists,
-    # (k,) float64 reaches and (k,) bool built flags, as numpy arrays; None off the CPU.
-    lazy: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # The compiled CPU loops' neighbour lists, each built on first use (O(k s)): (k, L) int32 lists, (k, L)
+    # float32 distances to the listing motif, (k,) float64 reaches and (k,) bool built flags, as numpy
+    # arrays; None off the CPU.
+    lazy: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def enlist(self, centers: torch.Tensor) -> None:
+        """Build the compiled loops' lists of the motifs `centers` (any indices) in one query of the KD-tree,
+        where there is one and the bank is longer than a list: O(L log k) a motif against O(k) by brute force,
+        which a list built on first use costs."""
+        if self.lazy is None or self.tree is None or self.motifs.shape[0] <= self.lazy[0].shape[1]:
+            return
+        from momos import kernels
+
+        neighbors, _, _, built = self.lazy
+        wanted = np.unique(centers.numpy())
+        wanted = wanted[~built[wanted]]
+        if not wanted.size:
+            return
+        z = self.motifs.numpy()
+        distance, found = self.tree.query(z[wanted], k=neighbors.shape[1] + 1, workers=torch.get_num_threads())
+        kernels.enlist(z, wanted, found, distance, _TREE_ROUNDING, self.lazy)
 
     @classmethod
     def build(cls, motifs: torch.Tensor) -> MotifIndex:
@@ -88,7 +109,9 @@ class MotifIndex:
         k, s = z.shape
         lazy = None
         if KERNELS and z.device.type == "cpu":
-            lazy = (np.empty((k, min(NEIGHBORS, k)), dtype=np.int32), np.empty(k), np.zeros(k, dtype=np.bool_))
+            width = min(KERNEL_NEIGHBORS, k)
+            lazy = (np.empty((k, width), dtype=np.int32), np.empty((k, width), dtype=np.float32), np.empty(k),
+                    np.zeros(k, dtype=np.bool_))
         if k <= NEIGHBORS:
             everyone = torch.arange(k, device=z.device).expand(k, k)
             return cls(z, None, everyone, torch.full((k,), math.inf, dtype=torch.float64, device=z.device), lazy)
@@ -364,9 +387,9 @@ class MosaicTracker:
         self._lost = torch.empty(m, dtype=torch.int64, device=device)
         # The compiled pass's view of the state, in its argument order (numpy views share the memory).
         compiled = KERNELS and index.lazy is not None and index.motifs.shape[0] > 1
-        self._arrays = None if not compiled else tuple(t.numpy() for t in (
+        self._arrays = None if not compiled else (tuple(t.numpy() for t in (
             self._point, self._owner, self._partner, self._slack, self._pair_slack, self._anchor,
-            self._candidates, self._bound, self._mosaic, self._lost))
+            self._candidates, self._bound)), self._mosaic.numpy(), self._lost.numpy())
 
     def _evaluated(self, rows: torch.Tensor | slice, blocks: torch.Tensor, nearest: torch.Tensor,
                    partner: torch.Tensor, radius: torch.Tensor, pair_radius: torch.Tensor) -> None:
@@ -406,8 +429,9 @@ class MosaicTracker:
                 from momos import kernels
 
                 self._owner.copy_(guess)  # where a block's neighbour search proves nothing, its search starts
+                index.enlist(guess)
                 ties = kernels.start(blocks.to(work, copy=True).numpy(), index.motifs.numpy(), guess.clone().numpy(),
-                                     *index.lazy, *self._arrays)
+                                     index.lazy, *self._arrays)
                 self._search_lost(ties, blocks)
             else:
                 self._search(slice(None), blocks, guess)
@@ -466,7 +490,7 @@ class MosaicTracker:
         from momos import kernels
 
         k, s = index.motifs.shape
-        self.rechecked, self.searched, lost = kernels.step(blocks.numpy(), index.motifs.numpy(), *index.lazy,
+        self.rechecked, self.searched, lost = kernels.step(blocks.numpy(), index.motifs.numpy(), index.lazy,
                                                            *self._arrays, SEARCHED if k * s <= _BRUTE_FORCE else 0)
         self._search_lost(lost, blocks)
         return self._mosaic
@@ -485,8 +509,7 @@ class MosaicTracker:
             x = blocks[rows].to(torch.float64).numpy()
             distance, lists = self._index.tree.query(x, k=width, workers=torch.get_num_threads())
             rest = distance[:, -1] * (1 - _TREE_ROUNDING) if width < z.shape[0] else np.full(count, np.inf)
-            ties = kernels.adopt(rows.numpy(), x, lists.astype(np.int64, copy=False), rest, z.numpy(),
-                                 *self._arrays)
+            ties = kernels.adopt(rows.numpy(), x, lists.astype(np.int64, copy=False), rest, z.numpy(), *self._arrays)
             rows = rows[self._lost[:ties].clone()]
         if rows.numel():
             self._search(rows, blocks[rows], self._owner[rows])

@@ -7,15 +7,18 @@ dense step on the MLP 64-256x4-10). Every distance is `momos.assign`'s D (float6
 ties go to the lowest index and every bound keeps the same margin, so the mosaic is the same bit for bit.
 
 One thing only the compiled path has: a block that must be searched again is searched among the
-`NEIGHBORS` nearest motifs of a motif close to it (its list is built on first use, by brute force over
-the bank, and kept with the bank's `MotifIndex`). A block at distance r from motif c has every motif
-that is not on c's list at least ``reach(c) - r`` away, which usually proves the nearest on the list.
-Blocks it does not prove (far from every motif) are searched by brute force in small banks; the rest are
-left to the caller (`MosaicTracker`), which searches them in the bank's KD-tree and records them here
-(`adopt`), or the torch way where many motifs tie.
+`KERNEL_NEIGHBORS` nearest motifs of a motif close to it (its list is built on first use, by brute force over
+the bank, and kept with the bank's `MotifIndex`, with each listed motif's distance to it). A block at
+distance r from motif c has every motif that is not on c's list at least ``reach(c) - r`` away, which
+usually proves the nearest on the list. Blocks it does not prove (far from every motif) are searched by
+brute force in small banks; the rest are left to the caller (`MosaicTracker`), which searches them in the
+bank's KD-tree and records them here (`adopt`), or the torch way where many motifs tie.
 
-This module imports numba; `momos.incremental` imports it on first use. numba compiles each loop once
-per argument types and caches the machine code on disk.
+The inner loops run over a row's motifs with no branch and no division check (numba's numpy error
+model: a zero spacing gives inf or nan, replaced right after), so LLVM vectorizes them; the few rows of a
+step that go past a cheap test are picked out first and worked on after. This module imports numba;
+`momos.incremental` imports it on first use. numba compiles each loop once per argument types and
+caches the machine code on disk.
 """
 
 from __future__ import annotations
@@ -28,11 +31,10 @@ import numpy as np
 from momos.incremental import _TIE_SPACING, MARGIN
 
 # numba infers every argument's type at the first call: the loops below carry no annotations.
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 # Relative rounding allowed on a neighbour list's reach and a block's distance to the list's motif.
 _REACH_ROUNDING = 1e-12
-# Relative rounding allowed on the lower bound (d_j - d_1) / 2 of a facet's distance.
-_SKIP_ROUNDING = 1e-9
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -45,18 +47,41 @@ def _distance(x, i, z, j):
     return total
 
 
-@numba.njit(cache=True, nogil=True)
-def _settle_row(x, i, lists, z, listed, row, d, facet, order):
+@_jit
+def _smallest(values, n, wanted, order):
+    """The positions of the `wanted` smallest of ``values[:n]`` into `order`, smallest first and the first
+    position first among equals; returns how many (``min(wanted, n)``)."""
+    count = 0
+    threshold = math.inf  # the largest kept, once `wanted` are kept
+    for j in range(n):
+        v = values[j]
+        if v < threshold:
+            t = min(count, wanted - 1)
+            while t > 0 and values[order[t - 1]] > v:
+                order[t] = order[t - 1]
+                t -= 1
+            order[t] = j
+            count = min(count + 1, wanted)
+            if count == wanted:
+                threshold = values[order[wanted - 1]]
+    return count
+
+
+@_jit
+def _settle_row(x, i, lists, z, listed, row, d, facet, order, gap, spacing, center):
     """Row `i` of `x` among the motifs `lists` (1-D), as `momos.incremental._Cell` and `_settle` see it:
     returns (nearest, its distance d1, the runner-up's d2, the nearest Voronoi facet, the second nearest,
     the one after the `listed` motifs) and writes into ``listed[row]`` the motifs with the nearest facets
-    (repeating the first when fewer are listed). `d`, `facet` and `order` are scratch space."""
+    (repeating the first when fewer are listed). `spacing`, where it has an entry per listed motif, holds
+    their distances to motif `center`, used when that is the nearest. `d`, `facet`, `order` and `gap` are
+    scratch space."""
     width = lists.shape[0]
     facets = listed.shape[1]
+    for j in range(width):
+        d[j] = _distance(x, i, z, lists[j])
     d1_sq, d2_sq = math.inf, math.inf  # d2: the nearest of the motifs other than the nearest
     best = -1
     for j in range(width):
-        d[j] = _distance(x, i, z, lists[j])
         if d[j] < d1_sq or (d[j] == d1_sq and lists[j] < best):
             if lists[j] != best:
                 d2_sq = min(d2_sq, d1_sq)
@@ -64,31 +89,26 @@ def _settle_row(x, i, lists, z, listed, row, d, facet, order):
         elif lists[j] != best:
             d2_sq = min(d2_sq, d[j])
     d1 = math.sqrt(d1_sq)
-    count = 0  # order[:count]: the nearest facets so far, nearest first, at most facets + 1
+    if best == center and spacing.shape[0] == width:
+        for j in range(width):
+            gap[j] = spacing[j]
+    else:
+        for j in range(width):
+            gap[j] = math.sqrt(_distance(z, lists[j], z, best))
     for j in range(width):
-        if lists[j] == best:
-            continue
-        dj = math.sqrt(d[j])
-        # A facet is at least (d_j - d_1) / 2 away (triangle inequality): one that cannot be among the nearest
-        # kept is skipped (with an allowance far above rounding), unless it may be a tie (facet 0, below).
-        if count == facets + 1 and (dj - d1) * (0.5 - _SKIP_ROUNDING) >= facet[order[facets]] \
-                and dj - d1 > 2 * _TIE_SPACING * (d1 + dj):
-            continue
-        spacing = 0.0
-        for c in range(x.shape[1]):
-            diff = z[lists[j], c] - z[best, c]
-            spacing += diff * diff
-        spacing = math.sqrt(spacing)
-        # A motif too close to the nearest to separate from rounding is a tie: its facet is at 0.
-        facet[j] = (d[j] - d1_sq) / (2 * spacing) if spacing > _TIE_SPACING * (d1 + dj) else 0.0
-        if count == facets + 1 and not facet[j] < facet[order[facets]]:
-            continue
-        t = min(count, facets)
-        while t > 0 and facet[order[t - 1]] > facet[j]:
-            order[t] = order[t - 1]
-            t -= 1
-        order[t] = j
-        count = min(count + 1, facets + 1)
+        facet[j] = (d[j] - d1_sq) / (2 * gap[j])
+    # A motif too close to the nearest to separate from rounding is a tie, its facet at 0 (and the nearest's
+    # own entries are no facet). Only a gap below tie * (2 d1 + gap), a bound on tie * (d1 + d_j), can be one.
+    close = 2 * _TIE_SPACING * d1 / (1 - _TIE_SPACING)
+    for j in range(width):
+        if gap[j] <= close:
+            if lists[j] == best:
+                facet[j] = math.inf
+            elif not gap[j] > _TIE_SPACING * (d1 + math.sqrt(d[j])):
+                facet[j] = 0.0
+    count = _smallest(facet, width, facets + 1, order)
+    while count > 0 and facet[order[count - 1]] == math.inf:  # the nearest's own entries, last
+        count -= 1
     for j in range(facets):
         listed[row, j] = lists[order[j if j < count else 0]] if count else best
     first = facet[order[0]] if count > 0 else math.inf
@@ -97,14 +117,16 @@ def _settle_row(x, i, lists, z, listed, row, d, facet, order):
     return best, d1, math.sqrt(d2_sq), first, second, beyond
 
 
-@numba.njit(cache=True, nogil=True)
+@_jit
 def settle(x, lists, rest, z, nearest, radius, listed, bound, pair_radius, proven, runner_up):
     """`momos.incremental._settle` of every row of `x` ``(c, s)`` among its distinct motifs `lists` ``(c, L)``,
     given `rest`, a lower bound on its distance to every motif off its list; writes the outputs."""
     width = lists.shape[1]
-    d, facet, order = np.empty(width), np.empty(width), np.empty(width, dtype=np.int64)
+    d, facet, gap, order = np.empty(width), np.empty(width), np.empty(width), np.empty(width, dtype=np.int64)
+    spacing = np.empty(0, dtype=np.float32)
     for i in range(x.shape[0]):
-        best, d1, d2, first, second, beyond = _settle_row(x, i, lists[i], z, listed, i, d, facet, order)
+        best, d1, d2, first, second, beyond = _settle_row(x, i, lists[i], z, listed, i, d, facet, order, gap,
+                                                          spacing, -1)
         off_list = (rest[i] - d1) / 2  # (d_j - d_1) / 2 for every motif j off the list
         margin = MARGIN * (d1 + d2)
         nearest[i] = best
@@ -115,7 +137,7 @@ def settle(x, lists, rest, z, nearest, radius, listed, bound, pair_radius, prove
         runner_up[i] = d2 * (1 + MARGIN) < rest[i]
 
 
-@numba.njit(cache=True, nogil=True)
+@_jit
 def _evaluated(i, x, r, point, owner, partner, slack, pair_slack, nearest, behind, radius, pair_radius):
     """Block `i`, now at row `r` of `x`, was evaluated there: its nearest motif, the one behind its nearest
     facet, and the radii that keep the nearest (slack) and keep it one of the two (pair slack), squared."""
@@ -126,13 +148,15 @@ def _evaluated(i, x, r, point, owner, partner, slack, pair_slack, nearest, behin
     pair_slack[i] = pair_radius * pair_radius if pair_radius > 0 else -1.0
 
 
-@numba.njit(cache=True, nogil=True)
-def _searched(i, x, r, lists, rest, z, point, owner, partner, slack, pair_slack, anchor, candidates, bound,
-              d, facet, order):
+@_jit
+def _searched(i, x, r, lists, rest, z, state, scratch, spacing, center):
     """Block `i`, at row `r` of `x`, was searched there: `lists` are its nearest motifs, `rest` a lower bound
     on its distance to every other. Records it as `MosaicTracker._search` does and returns True, or returns
     False when `rest` cannot prove the nearest (the block's state is then to be rewritten)."""
-    best, d1, d2, first, second, beyond = _settle_row(x, r, lists, z, candidates[i:i + 1, 1:], 0, d, facet, order)
+    point, owner, partner, slack, pair_slack, anchor, candidates, bound = state
+    d, facet, gap, order = scratch
+    best, d1, d2, first, second, beyond = _settle_row(x, r, lists, z, candidates[i:i + 1, 1:], 0, d, facet, order,
+                                                      gap, spacing, center)
     if not d1 * (1 + MARGIN) < rest:
         return False
     off_list = (rest - d1) / 2  # (d_j - d_1) / 2 for every motif j off the list
@@ -146,104 +170,176 @@ def _searched(i, x, r, lists, rest, z, point, owner, partner, slack, pair_slack,
     return True
 
 
-@numba.njit(cache=True, nogil=True)
-def _nearest(x, i, z, wanted, best_d, best_j):
-    """Brute force over the bank: the `wanted` (at most k) smallest D of row `i` of `x` into
-    ``best_d[:wanted]`` in increasing order and their motifs into `best_j` (the lowest index first among
-    equals); returns how many were found (``min(wanted, k)``)."""
+@_jit
+def _sift(d, heap, size, t):
+    """Restore the max-heap `heap[:size]` of motifs, by (D, index), below position `t`."""
+    while True:
+        top, left = t, 2 * t + 1
+        for child in range(left, min(left + 2, size)):
+            a, b = heap[child], heap[top]
+            if d[a] > d[b] or (d[a] == d[b] and a > b):
+                top = child
+        if top == t:
+            return
+        swap = heap[t]
+        heap[t] = heap[top]
+        heap[top] = swap
+        t = top
+
+
+@_jit
+def _nearest(x, i, z, wanted, work):
+    """Brute force over the bank: the `wanted` motifs (at most k) nearest row `i` of `x`, the lowest index
+    first among equals, into ``best[:wanted]`` of ``work = (best, d, positions, minima)``, in no order
+    but the farthest first, and each motif's D into `d`; returns how many (``min(wanted, k)``)."""
+    best, d, positions, minima = work
+    k = z.shape[0]
+    for j in range(k):
+        d[j] = _distance(x, i, z, j)
     count = 0
-    for j in range(z.shape[0]):
-        dj = _distance(x, i, z, j)
-        if count == wanted and not dj < best_d[wanted - 1]:
-            continue
-        t = min(count, wanted - 1)
-        while t > 0 and best_d[t - 1] > dj:
-            best_d[t], best_j[t] = best_d[t - 1], best_j[t - 1]
-            t -= 1
-        best_d[t], best_j[t] = dj, j
-        count = min(count + 1, wanted)
-    return count
+    if k >= 2 * wanted:
+        # At least `wanted` motifs lie within the largest of the minima over `wanted` disjoint sets: the
+        # others cannot be among the nearest. One branch-free pass each.
+        for c in range(wanted):
+            minima[c] = d[c]
+        for row in range(1, k // wanted):
+            for c in range(wanted):
+                minima[c] = min(minima[c], d[row * wanted + c])
+        within = -math.inf
+        for c in range(wanted):
+            within = max(within, minima[c])
+        for j in range(k):
+            positions[count] = j
+            count += d[j] <= within
+    else:
+        for j in range(k):
+            positions[j] = j
+        count = k
+    # A max-heap of the nearest so far: its top is the farthest kept.
+    size = min(wanted, count)
+    for t in range(size):
+        best[t] = positions[t]
+    for t in range(size // 2 - 1, -1, -1):
+        _sift(d, best, size, t)
+    for t in range(size, count):
+        j, top = positions[t], best[0]
+        if d[top] > d[j] or (d[top] == d[j] and top > j):
+            best[0] = j
+            _sift(d, best, size, 0)
+    return size
 
 
-@numba.njit(cache=True, nogil=True)
-def _near(z, center, neighbors, reach, built, best_d, best_j):
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rounded_up(value):
+    """`value` in float32, rounded up."""
+    rounded = np.float32(value)
+    return rounded if rounded >= value else np.nextafter(rounded, np.float32(np.inf))
+
+
+@_jit
+def _near(z, center, lists, work):
     """Motif `center`'s list of its ``L`` nearest motifs (itself included; the lowest index first among
-    equals) and its reach, a lower bound on the distance of every other motif; built on first use."""
+    equals; in no order), their distances to it (float32, rounded up: a larger spacing only lowers a facet
+    bound) and its reach, a lower bound on the distance of every other motif; built on first use."""
+    neighbors, spacing, reach, built = lists
     if built[center]:
         return
+    best, d, _, _ = work
     width = neighbors.shape[1]
-    _nearest(z, center, z, width + 1, best_d, best_j)
+    if z.shape[0] > width:  # the farthest of the L + 1 nearest is the first left off
+        _nearest(z, center, z, width + 1, work)
+        reach[center] = math.sqrt(d[best[0]])
+        kept = best[1:width + 1]
+    else:
+        _nearest(z, center, z, width, work)
+        reach[center] = math.inf
+        kept = best[:width]
     for j in range(width):
-        neighbors[center, j] = best_j[j]
-    reach[center] = math.sqrt(best_d[width]) if z.shape[0] > width else math.inf
+        neighbors[center, j] = kept[j]
+        spacing[center, j] = _rounded_up(math.sqrt(d[kept[j]]))
     built[center] = True
 
 
-@numba.njit(cache=True, nogil=True)
-def _search_near(i, x, r, center, z, neighbors, reach, built, point, owner, partner, slack, pair_slack, anchor,
-                 candidates, bound, d, facet, order, best_d, best_j):
+@_jit
+def enlist(z, centers, found, distance, rounding, lists):
+    """Record the lists of the motifs `centers` from a KD-tree's answer: `found` ``(c, L + 1)``, each
+    center's nearest motifs by the tree's distances `distance` (relative error under `rounding`). The
+    first L make the list; the last one's distance, less its rounding, is a lower bound on every other."""
+    neighbors, spacing, reach, built = lists
+    width = neighbors.shape[1]
+    for r in range(centers.shape[0]):
+        center = centers[r]
+        for j in range(width):
+            neighbors[center, j] = found[r, j]
+            spacing[center, j] = _rounded_up(math.sqrt(_distance(z, center, z, found[r, j])))
+        reach[center] = distance[r, width] * (1 - rounding)
+        built[center] = True
+
+
+@_jit
+def _search_near(i, x, r, center, z, lists, state, scratch, work):
     """Search block `i` (row `r` of `x`) among the neighbour list of motif `center`; True where that proves
     its nearest motif (and records the search)."""
-    _near(z, center, neighbors, reach, built, best_d, best_j)
+    _near(z, center, lists, work)
+    neighbors, spacing, reach, _ = lists
     distance = math.sqrt(_distance(x, r, z, center))
     rest = reach[center] * (1 - _REACH_ROUNDING) - distance * (1 + _REACH_ROUNDING)
-    return _searched(i, x, r, neighbors[center], rest, z, point, owner, partner, slack, pair_slack, anchor,
-                     candidates, bound, d, facet, order)
+    return _searched(i, x, r, neighbors[center], rest, z, state, scratch, spacing[center], center)
 
 
-@numba.njit(cache=True, nogil=True)
-def start(x, z, guess, neighbors, reach, built, point, owner, partner, slack, pair_slack, anchor, candidates,
-          bound, mosaic, ties):
+@_jit
+def _search_all(i, x, z, searched, state, scratch, work):
+    """Search block `i` of `x` among its `searched` nearest motifs, found by brute force over the bank; True
+    where that proves its nearest motif."""
+    best, d, _, _ = work
+    count = _nearest(x, i, z, searched, work)
+    rest = math.sqrt(d[best[0]]) if count < z.shape[0] else math.inf
+    return _searched(i, x, i, best[:count], rest, z, state, scratch, np.empty(0, dtype=np.float32), -1)
+
+
+@_jit
+def _scratch(width, k):
+    """Scratch space for rows of up to `width` motifs, (d, facet, gap, order), and for searches of up to
+    `width` + 1 motifs over a bank of `k`, `_nearest`'s work."""
+    return ((np.empty(width), np.empty(width), np.empty(width), np.empty(width, dtype=np.int64)),
+            (np.empty(width + 1, dtype=np.int64), np.empty(k), np.empty(k, dtype=np.int64), np.empty(width + 1)))
+
+
+@_jit
+def start(x, z, guess, lists, state, mosaic, ties):
     """Search every block of `x` ``(m, s)`` among the neighbours of its `guess` motif and record it; writes
     into `ties` the blocks that does not prove and returns how many."""
-    width = neighbors.shape[1]
-    d, facet, order = np.empty(width), np.empty(width), np.empty(width, dtype=np.int64)
-    best_d, best_j = np.empty(width + 1), np.empty(width + 1, dtype=np.int64)
+    scratch, work = _scratch(lists[0].shape[1], z.shape[0])
     num_ties = 0
     for i in range(x.shape[0]):
-        if _search_near(i, x, i, guess[i], z, neighbors, reach, built, point, owner, partner, slack, pair_slack,
-                        anchor, candidates, bound, d, facet, order, best_d, best_j):
-            mosaic[i] = owner[i]
+        if _search_near(i, x, i, guess[i], z, lists, state, scratch, work):
+            mosaic[i] = state[1][i]
         else:
             ties[num_ties] = i
             num_ties += 1
     return num_ties
 
 
-@numba.njit(cache=True, nogil=True)
-def adopt(rows, x, lists, rest, z, point, owner, partner, slack, pair_slack, anchor, candidates, bound, mosaic,
-          ties):
+@_jit
+def adopt(rows, x, lists, rest, z, state, mosaic, ties):
     """Record the searches of the blocks `rows`, at the rows of `x` ``(c, s)``: their nearest motifs `lists`
     ``(c, L)`` and lower bounds `rest` on the distance of every other motif. Writes into `ties` the rows
     (of `rows`) whose nearest that does not prove; returns how many."""
-    width = lists.shape[1]
-    d, facet, order = np.empty(width), np.empty(width), np.empty(width, dtype=np.int64)
+    scratch, _ = _scratch(lists.shape[1], 0)
+    spacing = np.empty(0, dtype=np.float32)
     num_ties = 0
     for r in range(rows.shape[0]):
         i = rows[r]
-        if _searched(i, x, r, lists[r], rest[r], z, point, owner, partner, slack, pair_slack, anchor, candidates,
-                     bound, d, facet, order):
-            mosaic[i] = owner[i]
+        if _searched(i, x, r, lists[r], rest[r], z, state, scratch, spacing, -1):
+            mosaic[i] = state[1][i]
         else:
             ties[num_ties] = r
             num_ties += 1
     return num_ties
 
 
-@numba.njit(cache=True, nogil=True)
-def _search_all(i, x, z, searched, point, owner, partner, slack, pair_slack, anchor, candidates, bound, d, facet,
-                order, best_d, best_j):
-    """Search block `i` of `x` among its `searched` nearest motifs, found by brute force over the bank; True
-    where that proves its nearest motif."""
-    count = _nearest(x, i, z, searched, best_d, best_j)
-    rest = math.sqrt(best_d[count - 1]) if count < z.shape[0] else math.inf
-    return _searched(i, x, i, best_j[:count], rest, z, point, owner, partner, slack, pair_slack, anchor, candidates,
-                     bound, d, facet, order)
-
-
-@numba.njit(cache=True, nogil=True)
-def step(x, z, neighbors, reach, built, point, owner, partner, slack, pair_slack, anchor, candidates, bound,
-         mosaic, lost, searched):
+@_jit
+def step(x, z, lists, state, mosaic, lost, searched):
     """`MosaicTracker.mosaic` on an established state, in one pass over the blocks `x` ``(m, s)``.
 
     Writes each block's nearest motif (over the float64 bank `z`) into `mosaic` and updates the state of
@@ -252,37 +348,46 @@ def step(x, z, neighbors, reach, built, point, owner, partner, slack, pair_slack
     `searched` nearest motifs found by brute force. A block still unproven is written into `lost`, its mosaic
     entry left to the caller. Returns (blocks that moved past their slack, blocks searched, blocks lost).
     """
-    width = candidates.shape[1]
-    # The candidate check needs only the two nearest facets: keeping few lets `_settle_row` skip the others.
+    point, owner, partner, slack, pair_slack, anchor, candidates, bound = state
+    m, s = x.shape
+    scratch, work = _scratch(max(candidates.shape[1], lists[0].shape[1], searched), z.shape[0])
+    # The candidate check needs only the two nearest facets.
     listed = np.empty((1, 2), dtype=candidates.dtype)
-    scratch = max(width, neighbors.shape[1] + 1, searched)
-    d, facet, order = np.empty(scratch), np.empty(scratch), np.empty(scratch, dtype=np.int64)
-    best_d, best_j = np.empty(scratch), np.empty(scratch, dtype=np.int64)
-    rechecked = 0
-    found = 0
-    num_lost = 0
-    for i in range(x.shape[0]):
-        a = owner[i]
-        mosaic[i] = a
+    empty = np.empty(0, dtype=np.float32)
+    # Every block keeps its motif unless it drifted past its slack: those are listed first, with no branch
+    # (into `lost`, whose entries are rewritten only behind the one being read).
+    moved = lost
+    count = 0
+    for i in range(m):
+        mosaic[i] = owner[i]
         drift = 0.0
-        for c in range(x.shape[1]):
+        for c in range(s):
             diff = float(x[i, c]) - float(point[i, c])
             drift += diff * diff
-        if drift < slack[i]:
-            continue
-        rechecked += 1
+        moved[count] = i
+        count += drift >= slack[i]
+    found = 0
+    num_lost = 0
+    for t in range(count):
+        i = moved[t]
+        drift = 0.0
+        for c in range(s):
+            diff = float(x[i, c]) - float(point[i, c])
+            drift += diff * diff
         if drift < pair_slack[i]:  # only the owner and its partner can be nearest: two distances decide
-            b = partner[i]
+            a, b = owner[i], partner[i]
             d_a, d_b = _distance(x, i, z, a), _distance(x, i, z, b)
             if d_b < d_a or (d_b == d_a and b < a):
                 mosaic[i] = b
             continue
-        moved = 0.0
-        for c in range(x.shape[1]):
+        moved_sq = 0.0
+        for c in range(s):
             diff = float(x[i, c]) - float(anchor[i, c])
-            moved += diff * diff
-        left = bound[i] - math.sqrt(moved)  # how far the block still is inside its last search's bound
-        nearest, d1, d2, first, second, _ = _settle_row(x, i, candidates[i], z, listed, 0, d, facet, order)
+            moved_sq += diff * diff
+        left = bound[i] - math.sqrt(moved_sq)  # how far the block still is inside its last search's bound
+        d, facet, gap, order = scratch
+        nearest, d1, d2, first, second, _ = _settle_row(x, i, candidates[i], z, listed, 0, d, facet, order, gap,
+                                                        empty, -1)
         margin = MARGIN * (d1 + d2)
         if left > margin:  # the nearest is a candidate: settled, with radii capped by the bound
             _evaluated(i, x, i, point, owner, partner, slack, pair_slack, nearest, listed[0, 0],
@@ -290,12 +395,10 @@ def step(x, z, neighbors, reach, built, point, owner, partner, slack, pair_slack
             mosaic[i] = nearest
             continue
         found += 1
-        if _search_near(i, x, i, nearest, z, neighbors, reach, built, point, owner, partner, slack, pair_slack,
-                        anchor, candidates, bound, d, facet, order, best_d, best_j) \
-                or (searched > 0 and _search_all(i, x, z, searched, point, owner, partner, slack, pair_slack, anchor,
-                                                 candidates, bound, d, facet, order, best_d, best_j)):
+        if _search_near(i, x, i, nearest, z, lists, state, scratch, work) \
+                or (searched > 0 and _search_all(i, x, z, searched, state, scratch, work)):
             mosaic[i] = owner[i]
         else:
-            lost[num_lost] = i
+            lost[num_lost] = i  # num_lost <= t: behind the entry just read
             num_lost += 1
-    return rechecked, found, num_lost
+    return count, found, num_lost
