@@ -132,3 +132,16 @@ def test_errors_name_the_field_and_value():
         assign.nearest(torch.zeros(1, 2), torch.tensor([[float("inf"), 0.0]]))
     with pytest.raises(MoMosValueError, match=r"shape \(m, 2\)"):
         assign.nearest(torch.zeros(3, 4), torch.zeros(1, 2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), k=st.integers(1, 60), s=st.integers(1, 6), repeats=st.integers(0, 20))
+def test_unique_rows_equal_torch_unique(seed: int, k: int, s: int, repeats: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-2, 3, (k, s), generator=g).double() * 0.5  # few values: many equal rows and columns
+    rows = torch.randint(0, k, (min(repeats, k),), generator=g)
+    x[rows] = -0.0 * x[rows]  # zeros of either sign are equal rows
+    want_unique, want_inverse = torch.unique(x, dim=0, return_inverse=True)
+    unique, inverse = assign._unique_rows(x)
+    assert torch.equal(unique, want_unique)
+    assert torch.equal(inverse, want_inverse)

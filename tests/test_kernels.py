@@ -76,3 +76,29 @@ def test_neighbour_lists_hold_the_nearest_motifs_and_a_safe_reach(seed: int, k: 
         off_list = d[center][order[width:]]
         assert reach[center] == (math.sqrt(off_list.min().item()) if k > width else math.inf)
     assert built.all()
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), duplicates=st.booleans())
+def test_lists_from_the_kd_tree_hold_the_nearest_motifs_and_a_safe_reach(seed: int, duplicates: bool) -> None:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(600, 4, generator=g, dtype=torch.float64) * 0.05
+    if duplicates:
+        z[1:4] = z[0]
+    index = motif_index(z, torch.float64)
+    assert index.tree is not None
+    centers = torch.randint(0, 600, (300,), generator=g)
+    index.enlist(centers)
+    neighbors, spacing, reach, built = index.lazy
+    assert built.sum() == centers.unique().numel()
+    d = sum((z[:, None, c] - z[None, :, c]) ** 2 for c in range(4))
+    for center in centers.unique().tolist():
+        listed = torch.from_numpy(neighbors[center]).long()
+        exact = d[center][listed]
+        assert listed.unique().numel() == listed.numel()
+        off = torch.ones(600, dtype=torch.bool)
+        off[listed] = False
+        assert reach[center] <= d[center][off].min().sqrt()  # a lower bound on every motif off the list
+        assert exact.max() <= d[center][off].min() * (1 + 1e-9)  # the nearest motifs, up to rounding at the cut
+        spaced = torch.from_numpy(spacing[center]).double()
+        assert (spaced >= exact.sqrt()).all()
