@@ -31,8 +31,17 @@ def from_blocks(blocks: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> to
     return blocks.reshape(-1)[:numel].view(shape)
 
 
+# A motif of 8 or 16 bytes (s=2 or 4 in float32) is gathered as one element of that width: a CPU
+# index_select copies a row of 4 float32 values at half the speed of one complex128 (16k rows: 77 vs 36 us).
+_ROW_AS_ONE = {8: torch.int64, 16: torch.complex128}
+
+
 def reconstruct(motifs: torch.Tensor, mosaic: torch.Tensor, shape: torch.Size | tuple[int, ...],
                 dtype: torch.dtype | None = None) -> torch.Tensor:
     """Ŵ: block i is ``motifs[mosaic[i]]``, reshaped to `shape` (and cast to `dtype` if given)."""
     table = motifs if dtype is None else motifs.to(dtype)
+    row = _ROW_AS_ONE.get(table.shape[1] * table.element_size())
+    if row is not None and table.is_contiguous() and not table.requires_grad:
+        rows = table.view(row).view(-1).index_select(0, mosaic.long()).view(table.dtype)
+        return from_blocks(rows, shape)
     return from_blocks(table.index_select(0, mosaic.long()), shape)  # ~4x faster than table[mosaic] on CPU

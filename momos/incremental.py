@@ -18,8 +18,9 @@ Facts from the triangle inequality make it cheap, and none gives up exactness:
   list, and the whole bank where the list is provably too short.
 
 On CPU (`KERNELS`) the tracker's per-step pass, its restart on a new bank and the settling of searches
-run as compiled loops (`momos.kernels`), which first search a block again among the neighbour list of its
-nearest candidate, built on first use for any bank; this module's torch version serves other devices.
+run as compiled loops (`momos.kernels`), which first search a block again among the `KERNEL_NEIGHBORS`
+nearest motifs of its nearest candidate, listed for any bank; this module's torch version serves other
+devices.
 
 Distances are computed as `momos.assign` defines them (float64, coordinate by coordinate) and ties go to
 the lowest index as there; every bound keeps a relative margin (`MARGIN`) for float rounding, and motifs
@@ -80,9 +81,9 @@ class MotifIndex:
     tree: Any = None  # scipy.spatial.cKDTree over `motifs`, or None
     neighbors: torch.Tensor | None = None  # (k, L) int64 where there is no tree
     reach: torch.Tensor | None = None  # (k,) float64 where there is no tree
-    # The compiled CPU loops' neighbour lists, each built on first use (O(k s)): (k, L) int32 lists, (k, L)
-    # float32 distances to the listing motif, (k,) float64 reaches and (k,) bool built flags, as numpy
-    # arrays; None off the CPU.
+    # The compiled CPU loops' neighbour lists, built when first needed (`enlist`, or by brute force, O(k s)):
+    # (k, L) int32 lists, (k, L) float32 distances to the listing motif, (k,) float64 reaches and (k,) bool
+    # built flags, as numpy arrays (1 KB a motif at L = 128); None off the CPU.
     lazy: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def enlist(self, centers: torch.Tensor) -> None:
@@ -343,8 +344,9 @@ class MosaicTracker:
     changed; within its pair slack only its motif and one partner can be nearest (two distances, the
     usual case of a block oscillating across one facet, as STE makes them); within the bound of its last
     search only its candidates can (``FACETS + 1`` distances); beyond that it is searched again. State:
-    two points and 18 numbers per block, 124 bytes per float32 block of 4 (7.75 times the tensor). A
-    different bank (a refresh, a load, another device or dtype) starts it over.
+    two points and 18 numbers per block, 124 bytes per float32 block of 4 (7.75 times the tensor), and
+    the bank's neighbour lists on CPU (1 KB a motif). A different bank (a refresh, a load, another device
+    or dtype) starts it over.
     """
 
     def __init__(self) -> None:

@@ -7,16 +7,17 @@ dense step on the MLP 64-256x4-10). Every distance is `momos.assign`'s D (float6
 ties go to the lowest index and every bound keeps the same margin, so the mosaic is the same bit for bit.
 
 One thing only the compiled path has: a block that must be searched again is searched among the
-`KERNEL_NEIGHBORS` nearest motifs of a motif close to it (its list is built on first use, by brute force over
-the bank, and kept with the bank's `MotifIndex`, with each listed motif's distance to it). A block at
+`KERNEL_NEIGHBORS` nearest motifs of a motif close to it, kept with the bank's `MotifIndex` with each
+listed motif's distance to it (a restart builds the lists of its start motifs in one query of the bank's
+KD-tree, `enlist`; any other list is built on first use by brute force over the bank). A block at
 distance r from motif c has every motif that is not on c's list at least ``reach(c) - r`` away, which
 usually proves the nearest on the list. Blocks it does not prove (far from every motif) are searched by
 brute force in small banks; the rest are left to the caller (`MosaicTracker`), which searches them in the
 bank's KD-tree and records them here (`adopt`), or the torch way where many motifs tie.
 
 The inner loops run over a row's motifs with no branch and no division check (numba's numpy error
-model: a zero spacing gives inf or nan, replaced right after), so LLVM vectorizes them; the few rows of a
-step that go past a cheap test are picked out first and worked on after. This module imports numba;
+model: a zero spacing gives inf or nan, replaced right after), so LLVM vectorizes them; the rows of a
+step that go past the cheapest test are listed first and worked on after. This module imports numba;
 `momos.incremental` imports it on first use. numba compiles each loop once per argument types and
 caches the machine code on disk.
 """

@@ -1,7 +1,7 @@
 import math
 
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from momos.blocks import from_blocks, num_blocks, reconstruct, to_blocks
@@ -34,3 +34,19 @@ def test_reconstruction_drops_padding(shape, s, k):
 def test_reconstruct_casts():
     w = reconstruct(torch.ones(2, 2, dtype=torch.float16), torch.tensor([1, 0]), (3,), dtype=torch.float32)
     assert w.dtype == torch.float32 and w.tolist() == [1.0, 1.0, 1.0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(s=st.integers(1, 9), k=st.integers(1, 20), m=st.integers(0, 40),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]))
+def test_reconstruct_copies_each_motif_bit_for_bit(s: int, k: int, m: int, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(s * 1000 + k * 40 + m)
+    motifs = torch.randn(k, s, generator=g).to(dtype)
+    motifs[0, 0] = -0.0
+    motifs[-1, -1] = float("nan")  # any bit pattern survives the gather as it is
+    mosaic = torch.randint(0, k, (m,), generator=g)
+    got = reconstruct(motifs, mosaic, (m * s,))
+    want = motifs[mosaic].reshape(-1)
+    assert got.dtype == dtype
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    assert torch.equal(got.view(bits), want.view(bits))
