@@ -43,7 +43,7 @@ from momos import assign
 # Motifs listed per motif (banks without a KD-tree): long enough to settle almost every search.
 NEIGHBORS = 64
 # Motifs listed per motif for the compiled loops, whose search is a vectorized pass over the list: long
-# enough that blocks far from every motif rarely fall back to brute force (1.5 KB per motif used).
+# enough that blocks far from every motif rarely fall back to brute force (1 KB per motif listed).
 KERNEL_NEIGHBORS = 128
 # Motifs besides the nearest a block keeps as candidates after a search: those with the nearest facets.
 FACETS = 10
