@@ -1,13 +1,15 @@
 """Training time per epoch of a prepared model against the same model dense, measured in one run.
 
-    .venv/bin/python benchmarks/training_overhead.py [--samples 50000] [--repeats 4] [--batch-sizes 64,512]
+    .venv/bin/python benchmarks/training_overhead.py [--samples 50000] [--repeats 4] [--batch-sizes 64,512] \
+        [--threads 1]
 
 MLP (64 -> 256 x4 -> 10, AdamW), s=4, c=0.05, at each batch size (STE's assignment costs the same per
 step whatever the batch, so its ratio to dense falls as the batch grows). Synthetic data with `--samples` samples per
 epoch (the issue's targets: hard with a refresh per epoch <= 1.10x, ste <= 2x), then digits (an epoch
 of 23 steps, where one refresh dominates: reported, not judged). Each method is interleaved with its own
 dense runs (ABBA), a ratio is taken within each pair of adjacent runs, and the median ratio is reported
-with the range, so a busy machine slows both sides of a ratio alike.
+with the range, so a busy machine slows both sides of a ratio alike. `--threads` sets torch's thread count,
+which dense training and MoMos's compiled loops both use (one by default: the steadiest figures).
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=50_000)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--batch-sizes", default="64,512", help="comma-separated; STE's cost is per step")
+    parser.add_argument("--threads", type=int, default=1, help="torch's (and so MoMos's) thread count")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     for batch_size in map(int, args.batch_sizes.split(",")):
         for name, data in ((f"synthetic, {args.samples} samples", synthetic(args.samples)), ("digits", digits())):
             print(f"{name}, batch {batch_size}:")

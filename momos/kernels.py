@@ -17,7 +17,10 @@ bank's KD-tree and records them here (`adopt`), or the torch way where many moti
 
 The inner loops run over a row's motifs with no branch and no division check (numba's numpy error
 model: a zero spacing gives inf or nan, replaced right after), so LLVM vectorizes them; the rows of a
-step that go past the cheapest test are listed first and worked on after. This module imports numba;
+step that go past the cheapest test are listed first and worked on after. `start` and `step` split the
+blocks into chunks run on numba's threads, as many as torch's (`momos.incremental` sets them each call):
+a chunk searches only among lists already built, and one thread then builds the lists missing and
+searches the blocks left. This module imports numba;
 `momos.incremental` imports it on first use. numba compiles each loop once per argument types and
 caches the machine code on disk.
 """
@@ -33,6 +36,10 @@ from momos.incremental import _TIE_SPACING, MARGIN
 
 # numba infers every argument's type at the first call: the loops below carry no annotations.
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+# The entry points split a tensor's blocks among threads (numba's, as many as torch's: `threads`).
+_parallel = numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+# Blocks a thread works on at a time.
+_CHUNK = 2048
 
 # Relative rounding allowed on a neighbour list's reach and a block's distance to the list's motif.
 _REACH_ROUNDING = 1e-12
@@ -306,18 +313,34 @@ def _scratch(width, k):
             (np.empty(width + 1, dtype=np.int64), np.empty(k), np.empty(k, dtype=np.int64), np.empty(width + 1)))
 
 
-@_jit
+@_parallel
 def start(x, z, guess, lists, state, mosaic, ties):
     """Search every block of `x` ``(m, s)`` among the neighbours of its `guess` motif and record it; writes
     into `ties` the blocks that does not prove and returns how many."""
+    m = x.shape[0]
+    built = lists[3]
+    chunks = (m + _CHUNK - 1) // _CHUNK
+    left = np.zeros(chunks, dtype=np.int64)
+    for chunk in numba.prange(chunks):  # the blocks whose list is built; the others into their chunk of `ties`
+        lo, hi = chunk * _CHUNK, min(chunk * _CHUNK + _CHUNK, m)
+        scratch, work = _scratch(lists[0].shape[1], 0)
+        for i in range(lo, hi):
+            if built[guess[i]] and _search_near(i, x, i, guess[i], z, lists, state, scratch, work):
+                mosaic[i] = state[1][i]
+            else:
+                ties[lo + left[chunk]] = i
+                left[chunk] += 1
+    # One thread builds the lists missing and searches the blocks left (a failed search only again).
     scratch, work = _scratch(lists[0].shape[1], z.shape[0])
     num_ties = 0
-    for i in range(x.shape[0]):
-        if _search_near(i, x, i, guess[i], z, lists, state, scratch, work):
-            mosaic[i] = state[1][i]
-        else:
-            ties[num_ties] = i
-            num_ties += 1
+    for chunk in range(chunks):
+        for t in range(left[chunk]):
+            i = ties[chunk * _CHUNK + t]
+            if _search_near(i, x, i, guess[i], z, lists, state, scratch, work):
+                mosaic[i] = state[1][i]
+            else:
+                ties[num_ties] = i  # behind the entry just read
+                num_ties += 1
     return num_ties
 
 
@@ -340,26 +363,22 @@ def adopt(rows, x, lists, rest, z, state, mosaic, ties):
 
 
 @_jit
-def step(x, z, lists, state, mosaic, lost, searched):
-    """`MosaicTracker.mosaic` on an established state, in one pass over the blocks `x` ``(m, s)``.
-
-    Writes each block's nearest motif (over the float64 bank `z`) into `mosaic` and updates the state of
-    the blocks it looked at again. A block that left the bound of its last search is searched among the
-    neighbours of its nearest candidate and, where that proves nothing and `searched` > 0, among its
-    `searched` nearest motifs found by brute force. A block still unproven is written into `lost`, its mosaic
-    entry left to the caller. Returns (blocks that moved past their slack, blocks searched, blocks lost).
-    """
+def _step_blocks(x, z, lists, state, mosaic, lost, searched, lo, hi):
+    """`step` on the blocks ``lo..hi``, searching only among lists already built (another thread may be
+    reading any of them): returns (blocks past their slack, blocks searched, blocks left), those left in
+    ``lost[lo:]`` with the motif to search them from in their `mosaic` entry."""
     point, owner, partner, slack, pair_slack, anchor, candidates, bound = state
-    m, s = x.shape
+    built = lists[3]
+    s = x.shape[1]
     scratch, work = _scratch(max(candidates.shape[1], lists[0].shape[1], searched), z.shape[0])
     # The candidate check needs only the two nearest facets.
     listed = np.empty((1, 2), dtype=candidates.dtype)
     empty = np.empty(0, dtype=np.float32)
     # Every block keeps its motif unless it drifted past its slack: those are listed first, with no branch
     # (into `lost`, whose entries are rewritten only behind the one being read).
-    moved = lost
+    moved = lost[lo:hi]
     count = 0
-    for i in range(m):
+    for i in range(lo, hi):
         mosaic[i] = owner[i]
         drift = 0.0
         for c in range(s):
@@ -368,7 +387,7 @@ def step(x, z, lists, state, mosaic, lost, searched):
         moved[count] = i
         count += drift >= slack[i]
     found = 0
-    num_lost = 0
+    num_left = 0
     for t in range(count):
         i = moved[t]
         drift = 0.0
@@ -396,10 +415,48 @@ def step(x, z, lists, state, mosaic, lost, searched):
             mosaic[i] = nearest
             continue
         found += 1
-        if _search_near(i, x, i, nearest, z, lists, state, scratch, work) \
-                or (searched > 0 and _search_all(i, x, z, searched, state, scratch, work)):
+        if built[nearest] and (_search_near(i, x, i, nearest, z, lists, state, scratch, work)
+                               or (searched > 0 and _search_all(i, x, z, searched, state, scratch, work))):
             mosaic[i] = owner[i]
         else:
-            lost[num_lost] = i  # num_lost <= t: behind the entry just read
-            num_lost += 1
-    return count, found, num_lost
+            mosaic[i] = nearest
+            moved[num_left] = i  # num_left <= t: behind the entry just read
+            num_left += 1
+    return count, found, num_left
+
+
+@_parallel
+def step(x, z, lists, state, mosaic, lost, searched):
+    """`MosaicTracker.mosaic` on an established state, in one pass over the blocks `x` ``(m, s)``.
+
+    Writes each block's nearest motif (over the float64 bank `z`) into `mosaic` and updates the state of
+    the blocks it looked at again. A block that left the bound of its last search is searched among the
+    neighbours of its nearest candidate and, where that proves nothing and `searched` > 0, among its
+    `searched` nearest motifs found by brute force. A block still unproven is written into `lost`, its mosaic
+    entry left to the caller. Returns (blocks that moved past their slack, blocks searched, blocks lost).
+    """
+    m = x.shape[0]
+    chunks = (m + _CHUNK - 1) // _CHUNK
+    rechecked, found, left = np.zeros(chunks, np.int64), np.zeros(chunks, np.int64), np.zeros(chunks, np.int64)
+    for chunk in numba.prange(chunks):
+        lo, hi = chunk * _CHUNK, min(chunk * _CHUNK + _CHUNK, m)
+        rechecked[chunk], found[chunk], left[chunk] = _step_blocks(x, z, lists, state, mosaic, lost, searched, lo, hi)
+    # One thread builds the lists missing and searches the blocks left (a failed search only again).
+    owner = state[1]
+    scratch, work = _scratch(max(state[6].shape[1], lists[0].shape[1], searched), z.shape[0])
+    num_lost = 0
+    for chunk in range(chunks):
+        for t in range(left[chunk]):
+            i = lost[chunk * _CHUNK + t]
+            if _search_near(i, x, i, mosaic[i], z, lists, state, scratch, work) \
+                    or (searched > 0 and _search_all(i, x, z, searched, state, scratch, work)):
+                mosaic[i] = owner[i]
+            else:
+                lost[num_lost] = i  # behind the entry just read
+                num_lost += 1
+    return rechecked.sum(), found.sum(), num_lost
+
+
+def threads(count: int) -> None:
+    """Run the parallel loops on `count` threads (at most numba's pool)."""
+    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from momos import incremental, kernels
+from momos import assign, incremental, kernels
 from momos.incremental import FACETS, Search, motif_index
 
 
@@ -102,3 +105,40 @@ def test_lists_from_the_kd_tree_hold_the_nearest_motifs_and_a_safe_reach(seed: i
         assert exact.max() <= d[center][off].min() * (1 + 1e-9)  # the nearest motifs, up to rounding at the cut
         spaced = torch.from_numpy(spacing[center]).double()
         assert (spaced >= exact.sqrt()).all()
+
+
+@pytest.mark.parametrize("k", [200, 600])  # lists built on first use (no tree) / by the KD-tree
+def test_threads_split_the_blocks_and_agree_with_one_thread(k: int) -> None:
+    g = torch.Generator().manual_seed(k)
+    motifs = torch.randn(k, 4, generator=g) * 0.1
+    start = torch.randn(3 * kernels._CHUNK + 100, 4, generator=g) * 0.1  # several chunks, a partial last one
+    guess = torch.randint(0, k, (start.shape[0],), generator=g)
+    steps = [start + 0.003 * (t + 1) * torch.randn(start.shape, generator=g) for t in range(4)]
+    previous = torch.get_num_threads()
+    mosaics = {}
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            tracker, bank = incremental.MosaicTracker(), motifs.clone()  # a bank of its own: lists built anew
+            mosaics[count] = [tracker.mosaic(blocks, bank, guess).clone() for blocks in [start, *steps]]
+    finally:
+        torch.set_num_threads(previous)
+    for blocks, one, two in zip([start, *steps], mosaics[1], mosaics[2], strict=True):
+        assert torch.equal(one, assign.nearest(blocks, motifs))
+        assert torch.equal(two, one)
+
+
+def test_the_compiled_loops_leave_torch_thread_count_alone() -> None:
+    # numba's OpenMP pool sets OpenMP's thread count when it starts: in a fresh process, as a user's first
+    # STE forward would meet it.
+    script = (
+        "import torch, momos\n"
+        "from momos.models import mlp\n"
+        "torch.set_num_threads(1)\n"
+        "model = momos.prepare(mlp((64,), 10), momos.MoMosConfig(capacity=0.05, mode='ste'))\n"
+        "momos.refresh(model)\n"
+        "model(torch.randn(4, 64))\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "1"
