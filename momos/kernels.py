@@ -325,21 +325,24 @@ def start(x, z, guess, lists, state, mosaic, ties):
         lo, hi = chunk * _CHUNK, min(chunk * _CHUNK + _CHUNK, m)
         scratch, work = _scratch(lists[0].shape[1], 0)
         for i in range(lo, hi):
-            if built[guess[i]] and _search_near(i, x, i, guess[i], z, lists, state, scratch, work):
-                mosaic[i] = state[1][i]
-            else:
+            if not built[guess[i]]:
                 ties[lo + left[chunk]] = i
                 left[chunk] += 1
-    # One thread builds the lists missing and searches the blocks left (a failed search only again).
+            elif _search_near(i, x, i, guess[i], z, lists, state, scratch, work):
+                mosaic[i] = state[1][i]
+            else:  # searched already: a tie, entered as -1 - i
+                ties[lo + left[chunk]] = -1 - i
+                left[chunk] += 1
+    # One thread builds the lists missing and searches the blocks that waited for them.
     scratch, work = _scratch(lists[0].shape[1], z.shape[0])
     num_ties = 0
     for chunk in range(chunks):
         for t in range(left[chunk]):
             i = ties[chunk * _CHUNK + t]
-            if _search_near(i, x, i, guess[i], z, lists, state, scratch, work):
+            if i >= 0 and _search_near(i, x, i, guess[i], z, lists, state, scratch, work):
                 mosaic[i] = state[1][i]
             else:
-                ties[num_ties] = i  # behind the entry just read
+                ties[num_ties] = i if i >= 0 else -1 - i  # behind the entry just read
                 num_ties += 1
     return num_ties
 
@@ -366,7 +369,8 @@ def adopt(rows, x, lists, rest, z, state, mosaic, ties):
 def _step_blocks(x, z, lists, state, mosaic, lost, searched, lo, hi):
     """`step` on the blocks ``lo..hi``, searching only among lists already built (another thread may be
     reading any of them): returns (blocks past their slack, blocks searched, blocks left), those left in
-    ``lost[lo:]`` with the motif to search them from in their `mosaic` entry."""
+    ``lost[lo:]``: a block whose list is not built yet with the motif to search it from in its `mosaic`
+    entry, a block searched in vain as ``-1 - i``."""
     point, owner, partner, slack, pair_slack, anchor, candidates, bound = state
     built = lists[3]
     s = x.shape[1]
@@ -415,12 +419,15 @@ def _step_blocks(x, z, lists, state, mosaic, lost, searched, lo, hi):
             mosaic[i] = nearest
             continue
         found += 1
-        if built[nearest] and (_search_near(i, x, i, nearest, z, lists, state, scratch, work)
-                               or (searched > 0 and _search_all(i, x, z, searched, state, scratch, work))):
-            mosaic[i] = owner[i]
-        else:
+        if not built[nearest]:
             mosaic[i] = nearest
             moved[num_left] = i  # num_left <= t: behind the entry just read
+            num_left += 1
+        elif _search_near(i, x, i, nearest, z, lists, state, scratch, work) \
+                or (searched > 0 and _search_all(i, x, z, searched, state, scratch, work)):
+            mosaic[i] = owner[i]
+        else:
+            moved[num_left] = -1 - i
             num_left += 1
     return count, found, num_left
 
@@ -441,18 +448,18 @@ def step(x, z, lists, state, mosaic, lost, searched):
     for chunk in numba.prange(chunks):
         lo, hi = chunk * _CHUNK, min(chunk * _CHUNK + _CHUNK, m)
         rechecked[chunk], found[chunk], left[chunk] = _step_blocks(x, z, lists, state, mosaic, lost, searched, lo, hi)
-    # One thread builds the lists missing and searches the blocks left (a failed search only again).
+    # One thread builds the lists missing and searches the blocks that waited for them.
     owner = state[1]
     scratch, work = _scratch(max(state[6].shape[1], lists[0].shape[1], searched), z.shape[0])
     num_lost = 0
     for chunk in range(chunks):
         for t in range(left[chunk]):
             i = lost[chunk * _CHUNK + t]
-            if _search_near(i, x, i, mosaic[i], z, lists, state, scratch, work) \
-                    or (searched > 0 and _search_all(i, x, z, searched, state, scratch, work)):
+            if i >= 0 and (_search_near(i, x, i, mosaic[i], z, lists, state, scratch, work)
+                           or (searched > 0 and _search_all(i, x, z, searched, state, scratch, work))):
                 mosaic[i] = owner[i]
             else:
-                lost[num_lost] = i  # behind the entry just read
+                lost[num_lost] = i if i >= 0 else -1 - i  # behind the entry just read
                 num_lost += 1
     return rechecked.sum(), found.sum(), num_lost
 
