@@ -405,15 +405,19 @@ def _step_blocks(x, z, lists, state, mosaic, lost, searched, lo, hi):
             continue
         # How far the block still is inside its last search's bound.
         left = bound[i] - math.sqrt(_distance(x, i, anchor, i))
-        d, facet, gap, order = scratch
-        nearest, d1, d2, first, second, _ = _settle_row(x, i, candidates[i], z, listed, 0, d, facet, order, gap,
-                                                        empty, -1)
-        margin = MARGIN * (d1 + d2)
-        if left > margin:  # the nearest is a candidate: settled, with radii capped by the bound
-            _evaluated(i, x, i, point, owner, partner, slack, pair_slack, nearest, listed[0, 0],
-                       min(first, left) - margin, min(second, left) - margin)
-            mosaic[i] = nearest
-            continue
+        # A block outside its bound is searched (from its last nearest motif) without settling it among its
+        # candidates first: that would prove nothing.
+        nearest = owner[i]
+        if left > 0:
+            d, facet, gap, order = scratch
+            nearest, d1, d2, first, second, _ = _settle_row(x, i, candidates[i], z, listed, 0, d, facet, order, gap,
+                                                            empty, -1)
+            margin = MARGIN * (d1 + d2)
+            if left > margin:  # the nearest is a candidate: settled, with radii capped by the bound
+                _evaluated(i, x, i, point, owner, partner, slack, pair_slack, nearest, listed[0, 0],
+                           min(first, left) - margin, min(second, left) - margin)
+                mosaic[i] = nearest
+                continue
         found += 1
         if not built[nearest]:
             mosaic[i] = nearest
