@@ -492,9 +492,12 @@ class MosaicTracker:
         from momos import kernels
 
         k, s = index.motifs.shape
-        self.rechecked, self.searched, lost = _parallel(kernels.step, blocks.numpy(), index.motifs.numpy(),
-                                                        index.lazy, *self._arrays,
-                                                        SEARCHED if k * s <= _BRUTE_FORCE else 0)
+        args = (blocks.numpy(), index.motifs.numpy(), index.lazy, *self._arrays,
+                SEARCHED if k * s <= _BRUTE_FORCE else 0)
+        if blocks.shape[0] > kernels.CHUNK and torch.get_num_threads() > 1:
+            self.rechecked, self.searched, lost = _parallel(kernels.step, *args)
+        else:
+            self.rechecked, self.searched, lost = kernels.step_serial(*args)
         self._search_lost(lost, blocks)
         return self._mosaic
 

@@ -39,7 +39,7 @@ _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 # The entry points split a tensor's blocks among threads (numba's, as many as torch's: `threads`).
 _parallel = numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 # Blocks a thread works on at a time.
-_CHUNK = 2048
+CHUNK = 2048
 
 # Relative rounding allowed on a neighbour list's reach and a block's distance to the list's motif.
 _REACH_ROUNDING = 1e-12
@@ -325,10 +325,10 @@ def start(x, z, guess, lists, state, mosaic, ties):
     into `ties` the blocks that does not prove and returns how many."""
     m = x.shape[0]
     built = lists[3]
-    chunks = (m + _CHUNK - 1) // _CHUNK
+    chunks = (m + CHUNK - 1) // CHUNK
     left = np.zeros(chunks, dtype=np.int64)
     for chunk in numba.prange(chunks):  # the blocks whose list is built; the others into their chunk of `ties`
-        lo, hi = chunk * _CHUNK, min(chunk * _CHUNK + _CHUNK, m)
+        lo, hi = chunk * CHUNK, min(chunk * CHUNK + CHUNK, m)
         scratch, work = _scratch(lists[0].shape[1], 0)
         for i in range(lo, hi):
             if not built[guess[i]]:
@@ -344,7 +344,7 @@ def start(x, z, guess, lists, state, mosaic, ties):
     num_ties = 0
     for chunk in range(chunks):
         for t in range(left[chunk]):
-            i = ties[chunk * _CHUNK + t]
+            i = ties[chunk * CHUNK + t]
             if i >= 0 and _search_near(i, x, i, guess[i], z, lists, state, scratch, work):
                 mosaic[i] = state[1][i]
             else:
@@ -443,25 +443,46 @@ def step(x, z, lists, state, mosaic, lost, searched):
     entry left to the caller. Returns (blocks that moved past their slack, blocks searched, blocks lost).
     """
     m = x.shape[0]
-    chunks = (m + _CHUNK - 1) // _CHUNK
+    chunks = (m + CHUNK - 1) // CHUNK
     rechecked, found, left = np.zeros(chunks, np.int64), np.zeros(chunks, np.int64), np.zeros(chunks, np.int64)
     for chunk in numba.prange(chunks):
-        lo, hi = chunk * _CHUNK, min(chunk * _CHUNK + _CHUNK, m)
+        lo, hi = chunk * CHUNK, min(chunk * CHUNK + CHUNK, m)
         rechecked[chunk], found[chunk], left[chunk] = _step_blocks(x, z, lists, state, mosaic, lost, searched, lo, hi)
-    # One thread builds the lists missing and searches the blocks that waited for them.
+    return rechecked.sum(), found.sum(), _step_left(x, z, lists, state, mosaic, lost, searched, left)
+
+
+@_jit
+def step_serial(x, z, lists, state, mosaic, lost, searched):
+    """`step` on the calling thread: entering numba's parallel region costs more than the work of a small
+    tensor, or of any tensor on one thread."""
+    m = x.shape[0]
+    chunks = (m + CHUNK - 1) // CHUNK
+    rechecked, found, left = 0, 0, np.zeros(chunks, np.int64)
+    for chunk in range(chunks):
+        lo, hi = chunk * CHUNK, min(chunk * CHUNK + CHUNK, m)
+        more_rechecked, more_found, left[chunk] = _step_blocks(x, z, lists, state, mosaic, lost, searched, lo, hi)
+        rechecked += more_rechecked
+        found += more_found
+    return rechecked, found, _step_left(x, z, lists, state, mosaic, lost, searched, left)
+
+
+@_jit
+def _step_left(x, z, lists, state, mosaic, lost, searched, left):
+    """The end of a step, on one thread: build the lists missing and search the blocks that waited for them
+    (``left[c]`` of them at the start of chunk c of `lost`). Returns how many blocks are lost."""
     owner = state[1]
     scratch, work = _scratch(max(state[6].shape[1], lists[0].shape[1], searched), z.shape[0])
     num_lost = 0
-    for chunk in range(chunks):
+    for chunk in range(left.shape[0]):
         for t in range(left[chunk]):
-            i = lost[chunk * _CHUNK + t]
+            i = lost[chunk * CHUNK + t]
             if i >= 0 and (_search_near(i, x, i, mosaic[i], z, lists, state, scratch, work)
                            or (searched > 0 and _search_all(i, x, z, searched, state, scratch, work))):
                 mosaic[i] = owner[i]
             else:
                 lost[num_lost] = i if i >= 0 else -1 - i  # behind the entry just read
                 num_lost += 1
-    return rechecked.sum(), found.sum(), num_lost
+    return num_lost
 
 
 def threads(count: int) -> None:

@@ -111,7 +111,7 @@ def test_lists_from_the_kd_tree_hold_the_nearest_motifs_and_a_safe_reach(seed: i
 def test_threads_split_the_blocks_and_agree_with_one_thread(k: int) -> None:
     g = torch.Generator().manual_seed(k)
     motifs = torch.randn(k, 4, generator=g) * 0.1
-    start = torch.randn(3 * kernels._CHUNK + 100, 4, generator=g) * 0.1  # several chunks, a partial last one
+    start = torch.randn(3 * kernels.CHUNK + 100, 4, generator=g) * 0.1  # several chunks, a partial last one
     guess = torch.randint(0, k, (start.shape[0],), generator=g)
     steps = [start + 0.003 * (t + 1) * torch.randn(start.shape, generator=g) for t in range(4)]
     previous = torch.get_num_threads()
