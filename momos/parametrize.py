@@ -127,14 +127,14 @@ class _StraightThrough(torch.autograd.Function):
 def register(module: nn.Module, tensor_name: str, parametrization: MoMosParametrization) -> None:
     """Put `parametrization` on ``module.<tensor_name>`` with torch's parametrize.
 
-    In hard mode the forward is the identity, yet torch's parametrized property costs about 15 us per
-    access (a module call per parametrization list): on a small MLP that is 5% of a training step. So
-    the property is replaced by one that returns the stored tensor directly while MoMos is the tensor's
-    only parametrization, and defers to torch's property otherwise.
+    Torch's parametrized property costs about 15 us per access (a module call for the parametrization list,
+    then one for each parametrization): on a small MLP that is 5% of a training step. So while MoMos is the
+    tensor's only parametrization, the property is replaced by one that returns the stored tensor directly
+    in hard mode (whose forward is the identity) and calls the parametrization on it in STE mode (unless
+    torch's ``parametrize.cached()`` is on); it defers to torch's property otherwise.
     """
     parametrize.register_parametrization(module, tensor_name, parametrization)
-    if parametrization.bank.config.mode != "hard":
-        return
+    hard = parametrization.bank.config.mode == "hard"
     lists = module.__dict__.setdefault("_momos_lists", {})
     lists[tensor_name] = module.parametrizations[tensor_name]
     torch_property = getattr(module.__class__, tensor_name)
@@ -142,7 +142,10 @@ def register(module: nn.Module, tensor_name: str, parametrization: MoMosParametr
     def get(self: nn.Module) -> torch.Tensor:
         plist = self.__dict__["_momos_lists"][tensor_name]
         if len(plist) == 1:
-            return plist.original
+            if hard:
+                return plist.original
+            if not parametrize._cache_enabled:
+                return plist[0](plist.original)
         return torch_property.fget(self)
 
     setattr(module.__class__, tensor_name, property(get, torch_property.fset, torch_property.fdel,
