@@ -20,9 +20,9 @@ model: a zero spacing gives inf or nan, replaced right after), so LLVM vectorize
 step that go past the cheapest test are listed first and worked on after. `start` and `step` split the
 blocks into chunks run on numba's threads, as many as torch's (`momos.incremental` sets them each call):
 a chunk searches only among lists already built, and one thread then builds the lists missing and
-searches the blocks left. This module imports numba;
-`momos.incremental` imports it on first use. numba compiles each loop once per argument types and
-caches the machine code on disk.
+searches the blocks left (`step_serial` does the same on the calling thread, for small tensors and one
+thread). This module imports numba; `momos.incremental` imports it on first use. numba compiles each loop
+once per argument types and caches the machine code on disk.
 """
 
 from __future__ import annotations
