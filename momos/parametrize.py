@@ -144,7 +144,7 @@ def register(module: nn.Module, tensor_name: str, parametrization: MoMosParametr
         if len(plist) == 1:
             if hard:
                 return plist.original
-            if not parametrize._cache_enabled:
+            if not getattr(parametrize, "_cache_enabled", True):  # torch's private flag; absent: defer to torch
                 return plist[0](plist.original)
         return torch_property.fget(self)
 
