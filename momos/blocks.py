@@ -37,11 +37,30 @@ _ROW_AS_ONE = {8: torch.int64, 16: torch.complex128}
 
 
 def reconstruct(motifs: torch.Tensor, mosaic: torch.Tensor, shape: torch.Size | tuple[int, ...],
-                dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Ŵ: block i is ``motifs[mosaic[i]]``, reshaped to `shape` (and cast to `dtype` if given)."""
+                dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Ŵ: block i is ``motifs[mosaic[i]]``, reshaped to `shape` (and cast to `dtype` if given); written into
+    `out` (of that shape and dtype) and returned, if given."""
     table = motifs if dtype is None else motifs.to(dtype)
-    row = _ROW_AS_ONE.get(table.shape[1] * table.element_size())
-    if row is not None and table.is_contiguous() and not table.requires_grad:
-        rows = table.view(row).view(-1).index_select(0, mosaic.long()).view(table.dtype)
-        return from_blocks(rows, shape)
-    return from_blocks(table.index_select(0, mosaic.long()), shape)  # ~4x faster than table[mosaic] on CPU
+    index = mosaic.long()
+    if out is None:
+        return from_blocks(_gather(table, index), shape)
+    if not out.is_contiguous():
+        return out.copy_(from_blocks(_gather(table, index), shape))
+    flat, s = out.view(-1), table.shape[1]
+    full = flat.numel() // s  # the blocks that lie whole in `out`; the last may be cut by the padding
+    _gather(table, index[:full], flat[:full * s].view(full, s))
+    if full * s < flat.numel():
+        flat[full * s:] = table[index[full], :flat.numel() - full * s]
+    return out
+
+
+def _gather(table: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``table[index]`` (into `out`, a contiguous ``(len(index), s)`` tensor, if given)."""
+    size = table.shape[1] * table.element_size()
+    row = _ROW_AS_ONE.get(size)
+    if row is not None and table.is_contiguous() and not table.requires_grad \
+            and (out is None or out.storage_offset() * out.element_size() % size == 0):
+        rows = torch.index_select(table.view(row).view(-1), 0, index,
+                                  out=None if out is None else out.view(row).view(-1))
+        return rows.view(table.dtype) if out is None else out
+    return torch.index_select(table, 0, index, out=out)

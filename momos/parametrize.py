@@ -84,17 +84,18 @@ class MoMosParametrization(nn.Module):
     def num_blocks(self) -> int:
         return self.mosaic.shape[0]
 
-    def momos_weight(self, latent: torch.Tensor) -> torch.Tensor:
-        """The MoMos weight of `latent` under the current bank: each latent block replaced by its nearest
-        motif (``assign.nearest``). Eagerly, only blocks that may have changed their nearest motif since the
-        previous call are searched again (`momos.incremental`); compiled, every block is."""
+    def momos_weight(self, latent: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The MoMos weight of `latent` under the current bank (written into `out` if given): each latent
+        block replaced by its nearest motif (``assign.nearest``). Eagerly, only blocks that may have changed
+        their nearest motif since the previous call are searched again (`momos.incremental`); compiled,
+        every block is."""
         motifs = self.bank.motifs
         blocks = to_blocks(latent, self.bank.block_size)
         if torch.compiler.is_compiling():
             mosaic = nearest_op(blocks, motifs.to(latent.dtype))
         else:
             mosaic = self.tracker.mosaic(blocks, motifs, self.mosaic)
-        return reconstruct(motifs.to(latent.dtype), mosaic, self.shape)
+        return reconstruct(motifs.to(latent.dtype), mosaic, self.shape, out=out)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         if self.bank.config.mode == "hard":
@@ -105,14 +106,20 @@ class MoMosParametrization(nn.Module):
                                latent)
         if not self.bank.refreshed:
             return latent
-        return _StraightThrough.apply(latent, self.momos_weight(latent))
+        # The MoMos weight written into a clone of the latent: the clone's backward passes the gradient
+        # straight through, in C++ (a Python autograd Function costs ~20 us a tensor and step).
+        weight = latent.clone(memory_format=torch.contiguous_format)
+        with torch.no_grad():
+            self.momos_weight(latent, out=weight)
+        return weight
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, num_blocks={self.num_blocks}"
 
 
 class _StraightThrough(torch.autograd.Function):
-    """`value` (the MoMos weight, exactly) in the forward; the identity from `latent` in the backward."""
+    """`value` (the MoMos weight, exactly) in the forward; the identity from `latent` in the backward. Used in
+    compiled graphs, where the eager forward's in-place write into a clone would be traced as a mutation."""
 
     @staticmethod
     def forward(ctx: object, latent: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

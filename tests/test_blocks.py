@@ -50,3 +50,26 @@ def test_reconstruct_copies_each_motif_bit_for_bit(s: int, k: int, m: int, dtype
     assert got.dtype == dtype
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
     assert torch.equal(got.view(bits), want.view(bits))
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=shapes, s=st.integers(1, 6), k=st.integers(1, 5), layout=st.sampled_from(["contiguous", "offset",
+                                                                                          "transposed"]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.float64]))
+def test_reconstruct_into_out_equals_reconstruct(shape, s, k, layout, dtype):
+    """Written into `out` (padding cut, an offset storage, a transposed view alike), bit for bit."""
+    numel = math.prod(shape)
+    motifs = torch.randn(k, s).to(dtype)
+    motifs[0, 0] = -0.0
+    mosaic = torch.randint(0, k, (num_blocks(numel, s),))
+    want = reconstruct(motifs, mosaic, shape)
+    if layout == "offset":
+        out = torch.full((numel + 1,), 7.0, dtype=dtype)[1:].view(shape)
+    elif layout == "transposed" and len(shape) == 2:
+        out = torch.full(tuple(shape)[::-1], 7.0, dtype=dtype).T
+    else:
+        out = torch.full(tuple(shape), 7.0, dtype=dtype)
+    got = reconstruct(motifs, mosaic, shape, out=out)
+    assert got is out
+    assert torch.equal(got.view(torch.uint8) if got.is_contiguous() else got.contiguous().view(torch.uint8),
+                       want.contiguous().view(torch.uint8))
