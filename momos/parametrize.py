@@ -118,8 +118,8 @@ class MoMosParametrization(nn.Module):
 
 
 class _StraightThrough(torch.autograd.Function):
-    """`value` (the MoMos weight, exactly) in the forward; the identity from `latent` in the backward. Used in
-    compiled graphs, where the eager forward's in-place write into a clone would be traced as a mutation."""
+    """`value` (the MoMos weight, exactly) in the forward; the identity from `latent` in the backward. The compiled
+    forward uses it; the eager one writes the MoMos weight into a clone of the latent instead."""
 
     @staticmethod
     def forward(ctx: object, latent: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
