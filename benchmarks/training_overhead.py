@@ -29,7 +29,7 @@ from torch import nn
 import momos
 from momos.data import Dataset, digits
 from momos.models import mlp
-from momos.train import make_optimizer
+from momos.train import make_optimizer, split_batches, train_step
 
 TARGETS = {"hard": 1.10, "ste": 2.0}
 
@@ -54,11 +54,8 @@ class Trainer:
     def steps(self, data: Dataset, batches: list[torch.Tensor]) -> None:
         start = time.perf_counter()
         for batch in batches:
-            loss = self.loss(self.model(data.x_train[batch]), data.y_train[batch])
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
+            train_step(self.model, self.optimizer, self.scheduler, self.loss, data.x_train[batch],
+                       data.y_train[batch])
         self.seconds += time.perf_counter() - start
 
 
@@ -70,9 +67,7 @@ def epoch(initial: nn.Module, data: Dataset, method: str, batch_size: int, phase
     prepared = momos.prepare(initial, momos.MoMosConfig(block_size=4, capacity=0.05, mode=method))
     momos.refresh(prepared)  # STE needs a bank to train against; hard starts from a mosaic too
     order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
-    batches = list(order.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:  # as fit: BatchNorm refuses a batch of one
-        batches[-2:] = [torch.cat(batches[-2:])]
+    batches = split_batches(order, batch_size)
     trainers = [Trainer(dense, len(batches)), Trainer(prepared, len(batches))]
     for i, start in enumerate(range(0, len(batches), phase)):
         for trainer in trainers if i % 2 == 0 else trainers[::-1]:

@@ -332,6 +332,7 @@ def start(x, z, guess, lists, state, mosaic, ties):
         scratch, work = _scratch(lists[0].shape[1], 0)
         for i in range(lo, hi):
             if not built[guess[i]]:
+                mosaic[i] = guess[i]  # the motif `_search_left` searches it from
                 ties[lo + left[chunk]] = i
                 left[chunk] += 1
             elif _search_near(i, x, i, guess[i], z, lists, state, scratch, work):
@@ -339,18 +340,7 @@ def start(x, z, guess, lists, state, mosaic, ties):
             else:  # searched already: a tie, entered as -1 - i
                 ties[lo + left[chunk]] = -1 - i
                 left[chunk] += 1
-    # One thread builds the lists missing and searches the blocks that waited for them.
-    scratch, work = _scratch(lists[0].shape[1], z.shape[0])
-    num_ties = 0
-    for chunk in range(chunks):
-        for t in range(left[chunk]):
-            i = ties[chunk * CHUNK + t]
-            if i >= 0 and _search_near(i, x, i, guess[i], z, lists, state, scratch, work):
-                mosaic[i] = state[1][i]
-            else:
-                ties[num_ties] = i if i >= 0 else -1 - i  # behind the entry just read
-                num_ties += 1
-    return num_ties
+    return _search_left(x, z, lists, state, mosaic, ties, 0, left)
 
 
 @_jit
@@ -448,7 +438,7 @@ def step(x, z, lists, state, mosaic, lost, searched):
     for chunk in numba.prange(chunks):
         lo, hi = chunk * CHUNK, min(chunk * CHUNK + CHUNK, m)
         rechecked[chunk], found[chunk], left[chunk] = _step_blocks(x, z, lists, state, mosaic, lost, searched, lo, hi)
-    return rechecked.sum(), found.sum(), _step_left(x, z, lists, state, mosaic, lost, searched, left)
+    return rechecked.sum(), found.sum(), _search_left(x, z, lists, state, mosaic, lost, searched, left)
 
 
 @_jit
@@ -463,13 +453,15 @@ def step_serial(x, z, lists, state, mosaic, lost, searched):
         more_rechecked, more_found, left[chunk] = _step_blocks(x, z, lists, state, mosaic, lost, searched, lo, hi)
         rechecked += more_rechecked
         found += more_found
-    return rechecked, found, _step_left(x, z, lists, state, mosaic, lost, searched, left)
+    return rechecked, found, _search_left(x, z, lists, state, mosaic, lost, searched, left)
 
 
 @_jit
-def _step_left(x, z, lists, state, mosaic, lost, searched, left):
-    """The end of a step, on one thread: build the lists missing and search the blocks that waited for them
-    (``left[c]`` of them at the start of chunk c of `lost`). Returns how many blocks are lost."""
+def _search_left(x, z, lists, state, mosaic, lost, searched, left):
+    """The end of a `start` or `step`, on one thread: build the lists missing and search the blocks that
+    waited for them (``left[c]`` of them at the start of chunk c of `lost`, each from its `mosaic` entry;
+    those searched in vain already as ``-1 - i``), by brute force too where `searched` > 0. Writes the blocks
+    still unproven at the start of `lost`; returns how many."""
     owner = state[1]
     scratch, work = _scratch(max(state[6].shape[1], lists[0].shape[1], searched), z.shape[0])
     num_lost = 0

@@ -53,12 +53,23 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
-def _batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def split_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """`order` cut into batches; a last batch of one sample joins the one before (BatchNorm refuses it)."""
     batches = list(order.split(batch_size))
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches[-2:] = [torch.cat(batches[-2:])]
     return batches
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+               loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One optimizer step (and scheduler step) on the batch (x, y); returns its loss."""
+    loss = loss_fn(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return loss
 
 
 def make_optimizer(model: nn.Module, name: str = "adamw", lr: float | None = None,
@@ -88,7 +99,7 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, refresh: str | int | No
         raise MoMosConfigError(f"refresh must be None, 'epoch', 'step' or an integer >= 1, got {refresh!r}")
     generator = torch.Generator().manual_seed(seed)
     opt = make_optimizer(model, optimizer, lr, weight_decay)
-    steps_per_epoch = len(_batches(torch.arange(len(data.x_train)), batch_size))
+    steps_per_epoch = len(split_batches(torch.arange(len(data.x_train)), batch_size))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss()
     history = History()
@@ -98,12 +109,8 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, refresh: str | int | No
         model.train()
         start, refresh_time, total_loss, distortion = time.perf_counter(), 0.0, 0.0, math.nan
         order = torch.randperm(len(data.x_train), generator=generator)
-        for batch in _batches(order, batch_size):
-            loss = loss_fn(model(data.x_train[batch]), data.y_train[batch])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            scheduler.step()
+        for batch in split_batches(order, batch_size):
+            loss = train_step(model, opt, scheduler, loss_fn, data.x_train[batch], data.y_train[batch])
             step += 1
             total_loss += loss.item() * len(batch)
             if every is not None and step % every == 0:

@@ -50,11 +50,11 @@ def test_fit_rejects_bad_arguments(blobs, kwargs, field):
 
 
 def test_a_last_batch_of_one_sample_joins_the_previous_one():
-    from momos.train import _batches
+    from momos.train import split_batches
 
-    assert [len(b) for b in _batches(torch.arange(129), 64)] == [64, 65]
-    assert [len(b) for b in _batches(torch.arange(130), 64)] == [64, 64, 2]
-    assert [len(b) for b in _batches(torch.arange(1), 64)] == [1]
+    assert [len(b) for b in split_batches(torch.arange(129), 64)] == [64, 65]
+    assert [len(b) for b in split_batches(torch.arange(130), 64)] == [64, 64, 2]
+    assert [len(b) for b in split_batches(torch.arange(1), 64)] == [1]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(161, 1, 8, 8, generator=g)  # 80% train = 129 samples: 64 + 64 + 1
     data = split(x.numpy(), (torch.arange(161) % 3).numpy(), seed=0)
