@@ -12,57 +12,63 @@ same function whichever engine computes it, bit for bit.
 Engines (`ENGINES`), chosen per ``(s, k, m)`` by `choose_engine` from measurements on a 2-core CPU:
 
 - ``"torch"``: chunked brute force of D itself, O(m k s), no setup cost; the choice for small ``m * k``
-  and the fallback of the two engines below.
-- ``"kdtree"``: scipy's ``cKDTree`` (float64, O(m log k) for small s); the choice for s <= 4, and for
-  s <= 8 with large banks: the only engine that stays near-linear in model size at fixed capacity.
+  or small banks, and faiss's fallback.
+- ``"kdtree"``: a compiled KD-tree (`momos.kdtree`, O(m log k) for small s) that computes D itself and
+  answers exactly; the choice for s <= 4, and for s <= 8 with larger banks: the only engine that stays
+  near-linear in model size at fixed capacity.
 - ``"faiss"``: faiss ``IndexFlatL2`` brute force with BLAS in float32, O(m k s); the choice for small
-  banks and for larger s, where a KD-tree degrades towards brute force anyway.
+  banks of s 5-8 and for larger s, where a KD-tree degrades towards brute force anyway. It runs on a bank
+  without duplicate motifs (a duplicate's block goes to its lowest index) and returns two candidates per
+  block; their D is recomputed exactly, and a block is settled only where an error bound proves that no
+  other motif can be as close. Every other block (near ties, and rows faiss's float32 cannot separate)
+  is decided by the torch engine.
 
-The two fast engines run on a bank without duplicate motifs (a duplicate's block goes to its lowest
-index) and return two candidates per block. Their D is recomputed exactly, and a block is settled only
-where an error bound proves that no other motif can be as close; every other block (near ties, and rows
-faiss's float32 cannot separate) is decided by the torch engine. Work runs on ``torch.get_num_threads()``
-threads, so ``torch.set_num_threads`` is the one knob for all of it; faiss's own OpenMP setting is
-changed only for the duration of a search and restored afterwards.
+Work runs on ``torch.get_num_threads()`` threads, so ``torch.set_num_threads`` is the one knob for all of
+it; faiss's own OpenMP setting is changed only for the duration of a search and restored afterwards.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from momos.errors import MoMosConfigError, MoMosValueError
 
+if TYPE_CHECKING:
+    from momos.kdtree import MotifTree
+
 ENGINES = ("auto", "faiss", "kdtree", "torch")
 
-# Engine choice, measured on 2 cores (one thread, m blocks, times in seconds). Brute force in torch
-# beats building an index up to ~2^17 pairs (s=4, m*k=2^16: torch 0.0005, kdtree 0.002, faiss 0.0014;
-# at 2^20 pairs torch is 3x slower than either). A KD-tree wins at s <= 4 unless the bank is tiny
-# (s=4, m=65k: k=64 faiss 0.05 vs kdtree 0.09; k=256 kdtree 0.03 vs faiss 0.05; k=12k, m=250k kdtree 0.7
-# vs faiss 4+) and at s <= 8 for large banks (s=8, m=60k: k=600 faiss 0.27 vs kdtree 0.59, k=6000 even;
-# m=120k, k=12k kdtree 2.8 vs faiss 4.5). From s=12 faiss is 5-10x faster than a KD-tree.
+# Engine choice, measured on 2 cores (one thread, m blocks, times in seconds, setup included). Brute force
+# in torch beats building an index up to ~2^17 pairs (s=4, m*k=2^16: torch 0.0005, kdtree 0.002, faiss
+# 0.0014) and for banks of up to 16 motifs (s=4, m=65k, k=16: torch 0.015, kdtree 0.017, faiss 0.027;
+# k=8: 0.007, 0.012, 0.018). The compiled KD-tree wins at s <= 4 beyond that (s=4, m=65k: k=32 kdtree
+# 0.020 vs faiss 0.031, k=256 0.038 vs 0.12; m=54k, k=2,707 0.03 vs cKDTree's 0.06), at s <= 6 from a
+# few hundred motifs (s=6, m=60k: k=300 faiss 0.136 vs kdtree 0.151, k=600 kdtree 0.21 vs faiss 0.29,
+# k=3000 0.25 vs 1.26) and at s <= 8 for large banks (s=8, m=60k: k=3000 even at 0.6, k=4000 kdtree 0.63
+# vs faiss 0.77; m=120k, k=12k 1.8 vs 3.0). From s=12 faiss is 3-4x faster than the KD-tree.
 TORCH_MAX_PAIRS = 1 << 17
-KDTREE_RULES = ((4, 128), (8, 6000))  # (largest block size, fewest motifs) where a KD-tree wins
+TORCH_MAX_MOTIFS = 16
+KDTREE_RULES = ((4, 1), (6, 500), (8, 4000))  # (largest block size, fewest motifs) where the KD-tree wins
 # Elements of the largest temporary (rows x motifs) float64 array of the torch engine.
 _CHUNK_ELEMENTS = 1 << 21
 # Blocks per query of a fast engine: bounds its float64 copies and results (~100 bytes a row).
 _QUERY_ROWS = 1 << 14
-# KD-tree queries are sorted by cell of a grid over the bank (cells per axis, on the first axes).
-_GRID_CELLS = 16
-_GRID_DIMS = 4
 # faiss computes |x|^2 + |z|^2 - 2 x.z in float32. Each of the three terms, their sum and the rounding of
 # float64 inputs to float32 err by at most (2s + 8) u (|x|^2 + |z|^2) with u = 2^-24; `_FaissEngine`
 # uses twice that.
 _FLOAT32_UNIT = 2.0 ** -24
 # faiss's float32 can underflow to zero for tiny values: an absolute allowance far above what that loses.
 _FLOAT32_TINY = 2.0 ** -100
-# Relative slack under a float64 bound (cKDTree's pruning and our D both round at ~1e-16 relative).
+# Relative slack under faiss's float64 floor (our D rounds at ~1e-16 relative).
 _FLOAT64_SLACK = 1e-9
 
 
 def choose_engine(block_size: int, num_motifs: int, num_queries: int) -> str:
     """The engine ``"auto"`` picks for `num_queries` blocks of `block_size` against `num_motifs` motifs."""
-    if num_queries * num_motifs <= TORCH_MAX_PAIRS or num_motifs == 1:
+    if num_queries * num_motifs <= TORCH_MAX_PAIRS or num_motifs <= TORCH_MAX_MOTIFS:
         return "torch"
     if any(block_size <= size and num_motifs >= fewest for size, fewest in KDTREE_RULES):
         return "kdtree"
@@ -92,15 +98,20 @@ class MotifSearch:
             raise MoMosValueError("motifs hold NaN or Inf values")
         k, s = self.motifs.shape
         self.engine = choose_engine(s, k, num_queries) if engine == "auto" else engine
-        self._fast: _FaissEngine | _KDTreeEngine | None = None
-        if self.engine != "torch":
+        self._fast: _FaissEngine | None = None
+        self._tree: MotifTree | None = None
+        if self.engine == "kdtree":
+            from momos.kdtree import MotifTree  # imported on first use: it imports numba (~0.5 s)
+
+            self._tree = MotifTree(self.motifs.numpy())
+        elif self.engine == "faiss":
             # Duplicate motifs would make every block near them a tie; keep one copy, under its lowest index.
             unique, inverse = _unique_rows(self.motifs)
             lowest = torch.full((unique.shape[0],), k, dtype=torch.int64)
             self._lowest = lowest.scatter_reduce_(0, inverse, torch.arange(k), "amin")
             self._unique = unique
             if unique.shape[0] > 1:
-                self._fast = _FaissEngine(unique) if self.engine == "faiss" else _KDTreeEngine(unique)
+                self._fast = _FaissEngine(unique)
 
     @property
     def block_size(self) -> int:
@@ -122,6 +133,8 @@ class MotifSearch:
     def _nearest64(self, x: torch.Tensor) -> torch.Tensor:
         if self.engine == "torch":
             return _brute_force(x, self.motifs)
+        if self._tree is not None:
+            return torch.from_numpy(self._tree.nearest(x.numpy(), torch.get_num_threads()))
         if self._fast is None:  # a single distinct motif
             return self._lowest[0].expand(x.shape[0]).clone()
         candidates, floor = self._fast.candidates(x)
@@ -175,40 +188,6 @@ def _brute_force(x: torch.Tensor, motifs: torch.Tensor) -> torch.Tensor:
             d += (rows[:, i:i + 1] - columns[i]).square_()
         out[start:start + rows.shape[0]] = d.argmin(1)  # argmin returns the first minimum
     return out
-
-
-class _KDTreeEngine:
-    """Two nearest distinct motifs per block from scipy's cKDTree, with a float64 floor for all others."""
-
-    def __init__(self, unique: torch.Tensor) -> None:
-        from scipy.spatial import cKDTree  # imported on first use: scipy.spatial takes ~0.5 s to import
-
-        points = unique.numpy()
-        self.tree = cKDTree(points)
-        self._low = points.min(0)
-        self._cell = np.maximum(points.max(0) - self._low, np.finfo(np.float64).tiny) / _GRID_CELLS
-
-    def _locality_order(self, x: np.ndarray) -> np.ndarray:
-        """An order of the queries that visits them grid cell by grid cell over the bank's bounding box.
-
-        Queries that follow each other then walk the same branches of the tree, which stay in cache: on a
-        312k-motif bank (s=4) this made the same search 3.5x faster (2 threads), with identical results.
-        """
-        cell = np.clip(((x - self._low) / self._cell).astype(np.int64), 0, _GRID_CELLS - 1)
-        key = np.zeros(x.shape[0], dtype=np.int64)
-        for column in cell.T[:_GRID_DIMS]:
-            key = key * _GRID_CELLS + column
-        return np.argsort(key, kind="stable")
-
-    def candidates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidate indices ``(n, 2)`` and a floor ``(n,)``: every other motif has D above it."""
-        queries = x.numpy()
-        order = self._locality_order(queries)
-        distance, index = self.tree.query(queries[order], k=2, workers=torch.get_num_threads())
-        unsorted_distance, unsorted_index = np.empty_like(distance), np.empty_like(index)
-        unsorted_distance[order], unsorted_index[order] = distance, index
-        second = torch.from_numpy(unsorted_distance[:, 1])
-        return torch.from_numpy(unsorted_index), second.square() * (1 - _FLOAT64_SLACK)
 
 
 class _FaissEngine:

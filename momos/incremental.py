@@ -432,8 +432,8 @@ class MosaicTracker:
 
                 self._owner.copy_(guess)  # where a block's neighbour search proves nothing, its search starts
                 index.enlist(guess)
-                ties = _parallel(kernels.start, blocks.to(work, copy=True).numpy(), index.motifs.numpy(),
-                                 guess.clone().numpy(), index.lazy, *self._arrays)
+                ties = kernels.on_threads(torch.get_num_threads(), kernels.start, blocks.to(work, copy=True).numpy(),
+                                          index.motifs.numpy(), guess.clone().numpy(), index.lazy, *self._arrays)
                 self._search_lost(ties, blocks)
             else:
                 self._search(slice(None), blocks, guess)
@@ -495,7 +495,7 @@ class MosaicTracker:
         args = (blocks.numpy(), index.motifs.numpy(), index.lazy, *self._arrays,
                 SEARCHED if k * s <= _BRUTE_FORCE else 0)
         if blocks.shape[0] > kernels.CHUNK and torch.get_num_threads() > 1:
-            self.rechecked, self.searched, lost = _parallel(kernels.step, *args)
+            self.rechecked, self.searched, lost = kernels.on_threads(torch.get_num_threads(), kernels.step, *args)
         else:
             self.rechecked, self.searched, lost = kernels.step_serial(*args)
         self._search_lost(lost, blocks)
@@ -520,20 +520,6 @@ class MosaicTracker:
         if rows.numel():
             self._search(rows, blocks[rows], self._owner[rows])
             self._mosaic[rows] = self._owner[rows]
-
-
-def _parallel(loop: Any, *args: Any) -> Any:
-    """Run a parallel compiled loop on torch's threads. numba's OpenMP pool sets OpenMP's thread count
-    when it starts, under torch's feet: torch's is put back."""
-    from momos import kernels
-
-    count = torch.get_num_threads()
-    kernels.threads(count)
-    try:
-        return loop(*args)
-    finally:
-        if torch.get_num_threads() != count:
-            torch.set_num_threads(count)
 
 
 @torch.library.custom_op("momos::nearest", mutates_args=())

@@ -110,8 +110,11 @@ def test_single_motif_and_no_blocks(engine):
 
 def test_auto_choice_follows_the_measured_rule():
     assert assign.choose_engine(4, 100, 1000) == "torch"  # few pairs
+    assert assign.choose_engine(4, 16, 100_000) == "torch"  # a tiny bank
     assert assign.choose_engine(4, 12_000, 250_000) == "kdtree"
-    assert assign.choose_engine(4, 64, 100_000) == "faiss"  # a tiny bank
+    assert assign.choose_engine(4, 64, 100_000) == "kdtree"
+    assert assign.choose_engine(6, 300, 60_000) == "faiss"
+    assert assign.choose_engine(6, 1000, 60_000) == "kdtree"
     assert assign.choose_engine(8, 12_000, 120_000) == "kdtree"
     assert assign.choose_engine(8, 600, 60_000) == "faiss"
     assert assign.choose_engine(16, 300_000, 1_000_000) == "faiss"
