@@ -93,7 +93,7 @@ def main() -> None:
             initial = mlp(data.input_shape, data.num_classes)
             print(f"{name}, batch {batch_size}:")
             for method in ("hard", "ste"):
-                # The first epoch in a process also loads numba's compiled loops and scipy: left out.
+                # The first epoch in a process also loads numba's compiled loops: left out.
                 runs = [epoch(initial, data, method, batch_size, args.phase, seed) for seed in range(args.repeats + 1)]
                 runs = runs[1:]
                 ratios = sorted(seconds / dense for seconds, _, dense in runs)

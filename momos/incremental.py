@@ -32,13 +32,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from momos import assign
+
+if TYPE_CHECKING:
+    from momos.kdtree import MotifTree
 
 # Motifs listed per motif (banks without a KD-tree): long enough to settle almost every search.
 NEIGHBORS = 64
@@ -54,8 +57,6 @@ MARGIN = 1e-6
 # Banks searched with a KD-tree (CPU only): block sizes up to this, with at least this many motifs.
 _TREE_MAX_BLOCK = 8
 _TREE_MIN_MOTIFS = 256
-# Relative rounding allowed for cKDTree's float64 distances.
-_TREE_ROUNDING = 1e-9
 # Two motifs closer than this (relative to the block's distances) are a tie: rounding could order them.
 _TIE_SPACING = 1e-6
 # Elements of the largest temporary distance array.
@@ -78,7 +79,7 @@ class MotifIndex:
     """
 
     motifs: torch.Tensor  # (k, s) float64
-    tree: Any = None  # scipy.spatial.cKDTree over `motifs`, or None
+    tree: MotifTree | None = None  # over `motifs`
     neighbors: torch.Tensor | None = None  # (k, L) int64 where there is no tree
     reach: torch.Tensor | None = None  # (k,) float64 where there is no tree
     # The compiled CPU loops' neighbour lists, built when first needed (`enlist`, or by brute force, O(k s)):
@@ -100,8 +101,9 @@ class MotifIndex:
         if not wanted.size:
             return
         z = self.motifs.numpy()
-        distance, found = self.tree.query(z[wanted], k=neighbors.shape[1] + 1, workers=torch.get_num_threads())
-        kernels.enlist(z, wanted, found, distance, _TREE_ROUNDING, self.lazy)
+        found, d = self.tree.neighbors(z[wanted], neighbors.shape[1] + 1, torch.get_num_threads())
+        # The farthest found is the first left off the list: its distance bounds every other motif's.
+        kernels.enlist(z, wanted, np.ascontiguousarray(found[:, 1:]), np.sqrt(d[:, 0]), self.lazy)
 
     @classmethod
     def build(cls, motifs: torch.Tensor) -> MotifIndex:
@@ -117,9 +119,9 @@ class MotifIndex:
             everyone = torch.arange(k, device=z.device).expand(k, k)
             return cls(z, None, everyone, torch.full((k,), math.inf, dtype=torch.float64, device=z.device), lazy)
         if z.device.type == "cpu" and s <= _TREE_MAX_BLOCK and k >= _TREE_MIN_MOTIFS:
-            from scipy.spatial import cKDTree  # imported on first use: scipy.spatial takes ~0.5 s to import
+            from momos.kdtree import MotifTree  # imported on first use: it imports numba (~0.5 s)
 
-            return cls(z, cKDTree(z.numpy()), lazy=lazy)
+            return cls(z, MotifTree(z.numpy()), lazy=lazy)
         squared, neighbors = [], []
         z_sq = (z * z).sum(1)
         step = max(1, _CHUNK_ELEMENTS // k)
@@ -256,9 +258,9 @@ def _full_search(x: torch.Tensor, index: MotifIndex) -> tuple[Search, torch.Tens
     k = z.shape[0]
     width = min(SEARCHED, k)
     if index.tree is not None:
-        distance, indices = index.tree.query(x.numpy(), k=width, workers=torch.get_num_threads())
-        rest = torch.from_numpy(distance[:, -1]) * (1 - _TREE_ROUNDING)
-        lists = torch.from_numpy(indices).to(torch.int64)
+        found, d = index.tree.neighbors(x.numpy(), width, torch.get_num_threads())
+        rest = torch.from_numpy(np.sqrt(d[:, 0]))  # the farthest found bounds every other motif
+        lists = torch.from_numpy(found)
     else:
         z_sq = (z * z).sum(1)
         rests, found = [], []
@@ -513,9 +515,10 @@ class MosaicTracker:
             z = self._index.motifs
             width = min(SEARCHED, z.shape[0])
             x = blocks[rows].to(torch.float64).numpy()
-            distance, lists = self._index.tree.query(x, k=width, workers=torch.get_num_threads())
-            rest = distance[:, -1] * (1 - _TREE_ROUNDING) if width < z.shape[0] else np.full(count, np.inf)
-            ties = kernels.adopt(rows.numpy(), x, lists.astype(np.int64, copy=False), rest, z.numpy(), *self._arrays)
+            lists, d = self._index.tree.neighbors(x, width, torch.get_num_threads())
+            # The farthest found bounds every other motif.
+            rest = np.sqrt(d[:, 0]) if width < z.shape[0] else np.full(count, np.inf)
+            ties = kernels.adopt(rows.numpy(), x, lists, rest, z.numpy(), *self._arrays)
             rows = rows[self._lost[:ties].clone()]
         if rows.numel():
             self._search(rows, blocks[rows], self._owner[rows])

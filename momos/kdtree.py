@@ -1,19 +1,21 @@
-"""A compiled KD-tree over a motif bank: each block's nearest motif exactly as `momos.assign` defines it.
+"""A compiled KD-tree over a motif bank: the nearest motifs of each block exactly as `momos.assign` ranks them.
 
-The "kdtree" engine of `momos.assign` (a refresh's assignment on CPU, small block sizes). The tree
-computes assign's D itself (`kernels._distance`: float64, coordinate by coordinate), keeps the lowest
-index among equal distances, and skips a subtree only when its box lies farther than the second-nearest
-motif found so far by more than float rounding. Every skipped motif is then strictly farther than the
-answer, so the answer is the definition's and needs no re-check. Two things make it fast on the
-refresh's queries:
+It serves `momos.assign`'s "kdtree" engine (a refresh's assignment on CPU, small block sizes) and the
+STE tracker's searches and neighbour lists (`momos.incremental`). The tree computes assign's D itself
+(`kernels._distance`: float64, coordinate by coordinate), ranks equal distances by the lower index, and
+skips a subtree only when its box lies farther than the worst motif kept so far by more than float
+rounding. Every skipped motif is then strictly farther than every motif kept, so the answer is the
+definition's and needs no re-check (scipy's cKDTree, used before, rounds its own way: its candidates had
+to be checked again, and its bounds widened). Two things make it fast:
 
 - The queries are visited grid cell by grid cell over the bank's bounding box (`locality_order`), so
   queries that follow each other walk the same branches, which stay in cache.
-- Each query starts from the previous query's two nearest motifs. Their distances prune most of the
+- A query for a few motifs starts from the previous query's answer, whose distances prune most of the
   tree before the first leaf.
 
-On the benchmark's MLP (54k blocks of 4, 2,707 motifs, one thread) this answers in 35-40 ms where
-scipy's cKDTree took 55-60 ms for the two nearest motifs, before checking them.
+On the benchmark's MLP (54k blocks of 4, 2,707 motifs, one thread) the nearest motifs take 30-40 ms
+where cKDTree took 55-60 ms for the two nearest, before the check; each motif's 129 nearest (the
+tracker's lists) 50-56 ms against 74-78 ms.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ QUERY_CHUNK = 4096
 # Relative slack on a box's distance before its subtree is skipped: far above the rounding of D and of
 # the box's distance (~1e-15 relative), so a skipped motif is never as near as the second nearest.
 _PRUNE_SLACK = 1e-9
+# Queries of up to this many motifs start from the previous query's answer: for more, the heap fills
+# faster from the query's own leaf (129 motifs a query: 50 against 62 ms on 2,707 motifs).
+_WARM_COUNT = 24
 # Grid over the bank's bounding box that orders the queries (cells per axis, on the first axes; at most
 # 2^16 cells in all).
 _GRID_CELLS = 16
@@ -126,39 +131,67 @@ def _build(z, leaf_size):
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
-def _ranked(d, j, d1, i1, d2, i2):
-    """The nearest and second nearest (distance, index) after motif `j` at distance `d` is seen; among equal
-    distances the lower index ranks first."""
-    if d < d2 or (d == d2 and j < i2):
-        if d < d1 or (d == d1 and j < i1):
-            return d, j, d1, i1
-        return d1, i1, d, j
-    return d1, i1, d2, i2
+def _worse(d_a, a, d_b, b):
+    """Whether motif `a` at distance `d_a` ranks after motif `b` at `d_b`: farther, or as far with a higher index."""
+    return d_a > d_b or (d_a == d_b and a > b)
 
 
 @_jit
-def _query(x, lo, hi, z, first, end, axis, split, left, right, order, points, depth, largest, out):
-    """The nearest motif of rows ``lo..hi`` of `x` into `out`, each query starting from the previous one's
-    two nearest motifs."""
-    s = x.shape[1]
+def _keep(heap_d, heap, size, d, j):
+    """Put motif `j` at distance `d` into the max-heap ``heap[:size]`` (by rank, the worst on top), which
+    holds fewer than its capacity; returns the new size."""
+    t = size
+    while t > 0 and _worse(d, j, heap_d[(t - 1) // 2], heap[(t - 1) // 2]):
+        heap_d[t], heap[t] = heap_d[(t - 1) // 2], heap[(t - 1) // 2]
+        t = (t - 1) // 2
+    heap_d[t], heap[t] = d, j
+    return size + 1
+
+
+@_jit
+def _replace_top(heap_d, heap, size, d, j):
+    """Put motif `j` at distance `d`, which ranks before the top, into the full heap ``heap[:size]`` in place of
+    its top."""
+    t = 0
+    while True:
+        child = 2 * t + 1
+        if child >= size:
+            break
+        if child + 1 < size and _worse(heap_d[child + 1], heap[child + 1], heap_d[child], heap[child]):
+            child += 1
+        if not _worse(heap_d[child], heap[child], d, j):
+            break
+        heap_d[t], heap[t] = heap_d[child], heap[child]
+        t = child
+    heap_d[t], heap[t] = d, j
+
+
+@_jit
+def _search(x, lo, hi, z, first, end, axis, split, left, right, order, points, depth, largest, found, found_d):
+    """The ``count = found.shape[1]`` nearest motifs (``count <= k``) of rows ``lo..hi`` of `x`, ranked by D and
+    then index, into `found` (the farthest first, the others in no order) and their D into `found_d`. Each
+    query starts from the previous one's answer, whose distances prune most of the tree at once."""
+    s, count = x.shape[1], found.shape[1]
     stack = np.empty(depth + 1, np.int64)  # pending far children, each with its box's distance
     box = np.empty(depth + 1)
     offsets = np.empty((depth + 1, s))  # per axis, the query's distance to that box
     offset = np.empty(s)
     distances = np.empty(largest)
-    p1, p2 = -1, -1
+    heap_d, heap = np.empty(count), np.empty(count, np.int64)
+    seen = np.full(z.shape[0], -1, np.int64)  # the query that last put each motif into the heap
     for i in range(lo, hi):
-        d1, i1, d2, i2 = np.inf, -1, np.inf, -1
-        if p1 >= 0:
-            d1, i1, d2, i2 = _ranked(_distance(x, i, z, p1), p1, d1, i1, d2, i2)
-        if p2 >= 0:
-            d1, i1, d2, i2 = _ranked(_distance(x, i, z, p2), p2, d1, i1, d2, i2)
+        size = 0
+        if i > lo and count <= _WARM_COUNT:
+            for r in range(count):
+                j = found[i - 1, r]
+                size = _keep(heap_d, heap, size, _distance(x, i, z, j), j)
+                seen[j] = i
         stack[0], box[0], top = 0, 0.0, 1
         offsets[0, :] = 0.0
         while top:
             top -= 1
             node = stack[top]
-            if box[top] * (1 - _PRUNE_SLACK) > d2:
+            if size == count and box[top] * (1 - _PRUNE_SLACK) > heap_d[0]:
                 continue
             reach = box[top]
             offset[:] = offsets[top]
@@ -168,7 +201,7 @@ def _query(x, lo, hi, z, first, end, axis, split, left, right, order, points, de
                 near, far = (left[node], right[node]) if gap < 0 else (right[node], left[node])
                 # The far child's box: this axis's distance becomes the gap to the split.
                 farther = reach - offset[c] * offset[c] + gap * gap
-                if farther * (1 - _PRUNE_SLACK) <= d2:
+                if size < count or farther * (1 - _PRUNE_SLACK) <= heap_d[0]:
                     stack[top], box[top] = far, farther
                     offsets[top, :] = offset
                     offsets[top, c] = gap
@@ -178,12 +211,16 @@ def _query(x, lo, hi, z, first, end, axis, split, left, right, order, points, de
             for t in range(a, end[node]):
                 distances[t - a] = _distance(x, i, points, t)
             for t in range(a, end[node]):
-                if distances[t - a] <= d2:
-                    j = order[t]
-                    if j != p1 and j != p2:  # seen first
-                        d1, i1, d2, i2 = _ranked(distances[t - a], j, d1, i1, d2, i2)
-        out[i] = i1
-        p1, p2 = i1, i2
+                d, j = distances[t - a], order[t]
+                if size < count:
+                    if seen[j] != i:
+                        size = _keep(heap_d, heap, size, d, j)
+                        seen[j] = i
+                elif d <= heap_d[0] and _worse(heap_d[0], heap[0], d, j) and seen[j] != i:
+                    _replace_top(heap_d, heap, size, d, j)
+                    seen[j] = i
+        found[i, :] = heap
+        found_d[i, :] = heap_d
 
 
 class MotifTree:
@@ -212,19 +249,30 @@ class MotifTree:
 
     def nearest(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
         """The nearest motif (int64) of each finite float64 row of `x` ``(m, s)``, on `threads` threads."""
+        found, _ = self.neighbors(x, 2, threads)
+        return found[:, -1]  # of two, the nearer comes after the farther
+
+    def neighbors(self, x: np.ndarray, count: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """The `count` nearest motifs (at most all) of each finite float64 row of `x` ``(m, s)``, ranked by D
+        then index: ``(m, count)`` indices, the farthest first and the others in no order, and their D."""
+        count = min(count, self.motifs.shape[0])
         order = self.locality_order(x)
         queries = np.ascontiguousarray(x[order])
-        found = np.empty(x.shape[0], dtype=np.int64)
+        found = np.empty((x.shape[0], count), dtype=np.int64)
+        found_d = np.empty((x.shape[0], count))
         chunks = [(lo, min(lo + QUERY_CHUNK, x.shape[0])) for lo in range(0, x.shape[0], QUERY_CHUNK)]
+
+        def search(chunk: tuple[int, int]) -> None:
+            _search(queries, *chunk, self.motifs, *self._tree, found, found_d)
+
         if threads > 1 and len(chunks) > 1:
-            # The compiled query releases the GIL: Python threads run it in parallel (a numba parallel loop
-            # would cost ~15 s of compilation on first use).
+            # The compiled search releases the GIL, so Python threads run it in parallel (a numba parallel
+            # loop would add ~10 s of compilation on first use).
             with ThreadPoolExecutor(min(threads, len(chunks))) as pool:
-                for _ in pool.map(lambda chunk: _query(queries, *chunk, self.motifs, *self._tree, found), chunks):
-                    pass
+                list(pool.map(search, chunks))
         else:
-            for lo, hi in chunks:
-                _query(queries, lo, hi, self.motifs, *self._tree, found)
-        out = np.empty_like(found)
-        out[order] = found
-        return out
+            for chunk in chunks:
+                search(chunk)
+        unsorted, unsorted_d = np.empty_like(found), np.empty_like(found_d)
+        unsorted[order], unsorted_d[order] = found, found_d
+        return unsorted, unsorted_d

@@ -277,18 +277,16 @@ def _near(z, center, lists, work):
 
 
 @_jit
-def enlist(z, centers, found, distance, rounding, lists):
-    """Record the lists of the motifs `centers` from a KD-tree's answer: `found` ``(c, L + 1)``, each
-    center's nearest motifs by the tree's distances `distance` (relative error under `rounding`). The
-    first L make the list; the last one's distance, less its rounding, is a lower bound on every other."""
-    neighbors, spacing, reach, built = lists
-    width = neighbors.shape[1]
+def enlist(z, centers, found, reach, lists):
+    """Record the lists of the motifs `centers` from a KD-tree's answer: `found` ``(c, L)``, each center's L
+    nearest motifs, and `reach` ``(c,)``, a lower bound on the distance of every other motif to it."""
+    neighbors, spacing, reaches, built = lists
     for r in range(centers.shape[0]):
         center = centers[r]
-        for j in range(width):
+        for j in range(neighbors.shape[1]):
             neighbors[center, j] = found[r, j]
             spacing[center, j] = _rounded_up(math.sqrt(_distance(z, center, z, found[r, j])))
-        reach[center] = distance[r, width] * (1 - rounding)
+        reaches[center] = reach[r]
         built[center] = True
 
 

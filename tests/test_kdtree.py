@@ -45,6 +45,24 @@ def test_the_tree_answers_the_definition(problem: tuple[np.ndarray, np.ndarray])
     np.testing.assert_array_equal(MotifTree(motifs).nearest(x), definition(x, motifs))
 
 
+@settings(max_examples=60, deadline=None)
+@given(banks(), st.integers(1, 160))
+def test_neighbors_are_the_nearest_by_distance_then_index(problem: tuple[np.ndarray, np.ndarray], count: int) -> None:
+    x, motifs = problem
+    found, d = MotifTree(motifs).neighbors(x, count)
+    count = min(count, motifs.shape[0])
+    assert found.shape == d.shape == (x.shape[0], count)
+    diff = x[:, None, :] - motifs[None, :, :]
+    every = np.zeros((x.shape[0], motifs.shape[0]))
+    for c in range(x.shape[1]):  # D coordinate by coordinate, as assign defines it
+        every += diff[..., c] * diff[..., c]
+    for i in range(x.shape[0]):
+        ranked = np.lexsort((np.arange(motifs.shape[0]), every[i]))  # by D, then index
+        assert set(found[i].tolist()) == set(ranked[:count].tolist())
+        assert found[i, 0] == ranked[count - 1]  # the farthest first
+        np.testing.assert_array_equal(d[i], every[i, found[i]])
+
+
 @settings(max_examples=30, deadline=None)
 @given(banks(), st.integers(0, 2**16))
 def test_the_answer_does_not_depend_on_the_query_order(problem: tuple[np.ndarray, np.ndarray], seed: int) -> None:
