@@ -81,11 +81,17 @@ def compare(block_size: int, capacity: float) -> None:
           f"float32 cdist near-ties)", flush=True)
 
 
+def warm_up() -> None:
+    """Two refreshes of a small MLP: the engines' imports, compiled code and thread pools load outside the
+    measurements."""
+    warm = momos.prepare(mlp((64,), 10, hidden=64), momos.MoMosConfig(block_size=4, capacity=0.05), inplace=True)
+    momos.refresh(warm)
+    momos.refresh(warm)
+
+
 def child(params: int) -> None:
     """One refresh of an MLP of about `params` parameters in this fresh process; prints a JSON line."""
-    warm = momos.prepare(mlp((64,), 10, hidden=64), momos.MoMosConfig(block_size=4, capacity=0.05), inplace=True)
-    momos.refresh(warm)  # imports and thread pools, outside the measurement
-    momos.refresh(warm)
+    warm_up()
     torch.manual_seed(0)
     config = momos.MoMosConfig(block_size=4, capacity=0.05)
     model = momos.prepare(mlp((INPUT,), CLASSES, hidden=hidden_for(params)), config, inplace=True)
@@ -142,6 +148,7 @@ def main() -> None:
         return
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, load average {load}")
+    warm_up()
     for block_size, capacity in SETTINGS[:1] if args.quick else SETTINGS:
         compare(block_size, capacity)
     growth(SIZES[:2] if args.quick else SIZES)
