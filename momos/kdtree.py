@@ -13,7 +13,7 @@ to be checked again, and its bounds widened). Two things make it fast:
 - A query for a few motifs starts from the previous query's answer, whose distances prune most of the
   tree before the first leaf.
 
-On the benchmark's MLP (54k blocks of 4, 2,707 motifs, one thread) the nearest motifs take 30-40 ms
+On the benchmark's MLP (54k blocks of 4, 2,707 motifs, one thread) the nearest motifs take 25-35 ms
 where cKDTree took 55-60 ms for the two nearest, before the check; each motif's 129 nearest (the
 tracker's lists) 50-56 ms against 74-78 ms.
 """
@@ -32,7 +32,7 @@ LEAF_SIZE = 16
 # Queries a thread answers in one go, each starting from the previous one's answer.
 QUERY_CHUNK = 4096
 # Relative slack on a box's distance before its subtree is skipped: far above the rounding of D and of
-# the box's distance (~1e-15 relative), so a skipped motif is never as near as the second nearest.
+# the box's distance (~1e-15 relative), so a skipped motif is never as near as the worst motif kept.
 _PRUNE_SLACK = 1e-9
 # Queries of up to this many motifs start from the previous query's answer: for more, the heap fills
 # faster from the query's own leaf (129 motifs a query: 50 against 62 ms on 2,707 motifs).
@@ -169,8 +169,9 @@ def _replace_top(heap_d, heap, size, d, j):
 @_jit
 def _search(x, lo, hi, z, first, end, axis, split, left, right, order, points, depth, largest, found, found_d):
     """The ``count = found.shape[1]`` nearest motifs (``count <= k``) of rows ``lo..hi`` of `x`, ranked by D and
-    then index, into `found` (the farthest first, the others in no order) and their D into `found_d`. Each
-    query starts from the previous one's answer, whose distances prune most of the tree at once."""
+    then index, into `found` (the farthest first, the others in no order) and their D into `found_d`. A query
+    for up to `_WARM_COUNT` motifs starts from the previous one's answer, whose distances prune most of the
+    tree at once."""
     s, count = x.shape[1], found.shape[1]
     stack = np.empty(depth + 1, np.int64)  # pending far children, each with its box's distance
     box = np.empty(depth + 1)
@@ -249,8 +250,7 @@ class MotifTree:
 
     def nearest(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
         """The nearest motif (int64) of each finite float64 row of `x` ``(m, s)``, on `threads` threads."""
-        found, _ = self.neighbors(x, 2, threads)
-        return found[:, -1]  # of two, the nearer comes after the farther
+        return self.neighbors(x, 1, threads)[0][:, 0]
 
     def neighbors(self, x: np.ndarray, count: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """The `count` nearest motifs (at most all) of each finite float64 row of `x` ``(m, s)``, ranked by D
