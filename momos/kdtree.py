@@ -125,7 +125,8 @@ def _build(z, leaf_size):
         count += 2
     points = np.empty((k, s))
     for t in range(k):
-        points[t] = z[order[t]]
+        for c in range(s):  # element by element: a row assignment took numba 3.5 s more to compile
+            points[t, c] = z[order[t], c]
     return first[:count], end[:count], axis[:count], split[:count], left[:count], right[:count], order, points, \
         depth, largest
 
@@ -188,14 +189,16 @@ def _search(x, lo, hi, z, first, end, axis, split, left, right, order, points, d
                 size = _keep(heap_d, heap, size, _distance(x, i, z, j), j)
                 seen[j] = i
         stack[0], box[0], top = 0, 0.0, 1
-        offsets[0, :] = 0.0
+        for c in range(s):
+            offsets[0, c] = 0.0
         while top:
             top -= 1
             node = stack[top]
             if size == count and box[top] * (1 - _PRUNE_SLACK) > heap_d[0]:
                 continue
             reach = box[top]
-            offset[:] = offsets[top]
+            for c in range(s):
+                offset[c] = offsets[top, c]
             while axis[node] >= 0:  # down to a leaf, the nearer child first, the farther one kept for later
                 c = axis[node]
                 gap = x[i, c] - split[node]
@@ -204,7 +207,8 @@ def _search(x, lo, hi, z, first, end, axis, split, left, right, order, points, d
                 farther = reach - offset[c] * offset[c] + gap * gap
                 if size < count or farther * (1 - _PRUNE_SLACK) <= heap_d[0]:
                     stack[top], box[top] = far, farther
-                    offsets[top, :] = offset
+                    for axis_c in range(s):
+                        offsets[top, axis_c] = offset[axis_c]
                     offsets[top, c] = gap
                     top += 1
                 node = near
@@ -220,8 +224,8 @@ def _search(x, lo, hi, z, first, end, axis, split, left, right, order, points, d
                 elif d <= heap_d[0] and _worse(heap_d[0], heap[0], d, j) and seen[j] != i:
                     _replace_top(heap_d, heap, size, d, j)
                     seen[j] = i
-        found[i, :] = heap
-        found_d[i, :] = heap_d
+        for r in range(count):
+            found[i, r], found_d[i, r] = heap[r], heap_d[r]
 
 
 class MotifTree:
