@@ -39,6 +39,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from momos import assign
+from momos.errors import MoMosValueError
 
 if TYPE_CHECKING:
     from momos.kdtree import MotifTree
@@ -423,6 +424,7 @@ class MosaicTracker:
         index = motif_index(motifs, blocks.dtype)
         if self._index is not index or self._point.shape != blocks.shape or self._point.dtype != work \
                 or self._point.device != blocks.device:
+            _refuse_non_finite(blocks, slice(None))
             self._index = index
             self._reset(blocks, work, index)
             guess = guess.to(blocks.device)
@@ -450,6 +452,8 @@ class MosaicTracker:
             return self._compiled_step(blocks.to(work, copy=True), index)
         self._mosaic.copy_(self._owner)
         drift = (blocks.to(work) - self._point).square_().sum(1)
+        if torch.isnan(drift).any():  # NaN blocks, which no distance orders
+            self._refuse_non_finite(blocks, slice(None))
         moved = (drift >= self._slack).nonzero().squeeze(1)
         self.rechecked, self.searched = moved.numel(), 0
         if not self.rechecked:
@@ -484,9 +488,19 @@ class MosaicTracker:
         lost = rows[~inside]
         self.searched = lost.numel()
         if self.searched:
+            self._refuse_non_finite(blocks, lost)
             self._search(lost, blocks[lost], self._owner[lost])
             self._mosaic[lost] = self._owner[lost]
         return self._mosaic
+
+    def _refuse_non_finite(self, blocks: torch.Tensor, rows: torch.Tensor | slice) -> None:
+        """Raise if any of the blocks `rows` is not finite; the state, which no longer describes them, starts
+        over on the next call."""
+        try:
+            _refuse_non_finite(blocks, rows)
+        except MoMosValueError:
+            self._index = None
+            raise
 
     def _compiled_step(self, blocks: torch.Tensor, index: MotifIndex) -> torch.Tensor:
         """The incremental call above as one compiled pass (`momos.kernels`); blocks it could not settle
@@ -509,6 +523,7 @@ class MosaicTracker:
         if not count:
             return
         rows = self._lost[:count].clone()
+        self._refuse_non_finite(blocks, rows)  # the compiled pass leaves NaN blocks to it
         if self._index.tree is not None:
             from momos import kernels
 
@@ -523,6 +538,15 @@ class MosaicTracker:
         if rows.numel():
             self._search(rows, blocks[rows], self._owner[rows])
             self._mosaic[rows] = self._owner[rows]
+
+
+def _refuse_non_finite(blocks: torch.Tensor, rows: torch.Tensor | slice) -> None:
+    """A clear error for latent weights that hold NaN or Inf values (a diverged training) among `rows`."""
+    finite = torch.isfinite(blocks[rows]).all(1)
+    if not finite.all():
+        bad = torch.arange(blocks.shape[0], device=blocks.device)[rows][~finite]
+        raise MoMosValueError(f"latent weights hold NaN or Inf values: {bad.numel()} of {blocks.shape[0]} blocks, the "
+                              f"first block {int(bad[0])} = {blocks[bad[0]].tolist()}; the training diverged?")
 
 
 @torch.library.custom_op("momos::nearest", mutates_args=())

@@ -381,12 +381,16 @@ def _step_blocks(x, z, lists, state, mosaic, lost, searched, lo, hi):
         mosaic[i] = owner[i]
         drift = _distance(x, i, point, i)
         moved[count] = i
-        count += drift >= slack[i]
+        count += not drift < slack[i]  # a NaN block too, left to the caller below
     found = 0
     num_left = 0
     for t in range(count):
         i = moved[t]
         drift = _distance(x, i, point, i)
+        if drift != drift:  # a NaN block: no search proves anything, the caller refuses it
+            moved[num_left] = -1 - i
+            num_left += 1
+            continue
         if drift < pair_slack[i]:  # only the owner and its partner can be nearest: two distances decide
             a, b = owner[i], partner[i]
             d_a, d_b = _distance(x, i, z, a), _distance(x, i, z, b)

@@ -14,6 +14,7 @@ import momos
 from momos import assign, incremental
 from momos.api import prepared_tensors
 from momos.blocks import to_blocks
+from momos.errors import MoMosValueError
 from momos.incremental import NEIGHBORS, SEARCHED, MosaicTracker, motif_index, search
 
 # Every test below runs both ways: the compiled CPU loops (`momos.kernels`) and the torch version.
@@ -243,3 +244,28 @@ def test_tracker_starts_from_any_guess_even_an_invalid_one(compiled: bool) -> No
     for guess in (torch.full((200,), 300), torch.full((200,), -1), torch.zeros(7, dtype=torch.int64)):
         with engine(compiled):
             assert torch.equal(MosaicTracker().mosaic(blocks, motifs, guess), assign.nearest(blocks, motifs))
+
+
+@ENGINES
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("k", [50, 300])  # neighbour lists; KD-tree
+def test_non_finite_latent_weights_are_refused_and_the_tracker_starts_over(compiled: bool, bad: float,
+                                                                            k: int) -> None:
+    """A diverged training gets a clear error, on a first call and on a later one alike, instead of the last
+    motifs its blocks had; once the weights are finite again the answer is assign's."""
+    g = torch.Generator().manual_seed(k)
+    motifs = torch.randn(k, 4, generator=g)
+    blocks = torch.randn(5000, 4, generator=g)
+    guess = torch.zeros(5000, dtype=torch.int64)
+    with engine(compiled):
+        tracker = MosaicTracker()
+        tracker.mosaic(blocks, motifs, guess)
+        broken = blocks.clone()
+        broken[4321, 2] = bad
+        for _ in range(2):  # a later call, then a restart on a new bank
+            with pytest.raises(MoMosValueError, match=r"latent weights hold NaN or Inf values: 1 of 5000 blocks, "
+                                                      r"the first block 4321"):
+                tracker.mosaic(broken, motifs, guess)
+            motifs.add_(0.0)  # an in-place write: the next call restarts as after a refresh
+        blocks += 0.01 * torch.randn(blocks.shape, generator=g)
+        assert torch.equal(tracker.mosaic(blocks, motifs, guess), assign.nearest(blocks, motifs))
