@@ -25,11 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
+from momos.errors import MoMosValueError
 from momos.kernels import _distance, _jit
 
 # Motifs per leaf: smaller leaves prune more but cost more branches (8 and 32 measured slower than 16).
 LEAF_SIZE = 16
-# Queries a thread answers in one go, each starting from the previous one's answer.
+# Queries a thread answers in one go (in which a query for a few motifs starts from the previous answer).
 QUERY_CHUNK = 4096
 # Relative slack on a box's distance before its subtree is skipped: far above the rounding of D and of
 # the box's distance (~1e-15 relative), so a skipped motif is never as near as the worst motif kept.
@@ -232,6 +233,8 @@ class MotifTree:
     """Exact nearest-motif queries against one float64 bank ``(k, s)``, ``k >= 1``, of finite motifs."""
 
     def __init__(self, motifs: np.ndarray) -> None:
+        if motifs.ndim != 2 or motifs.shape[0] < 1:
+            raise MoMosValueError(f"motifs must be a (k, s) array with k >= 1, got shape {motifs.shape}")
         self.motifs = np.ascontiguousarray(motifs, dtype=np.float64)
         self._tree = _build(self.motifs, LEAF_SIZE)
         self._low = self.motifs.min(0)
@@ -259,6 +262,8 @@ class MotifTree:
     def neighbors(self, x: np.ndarray, count: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """The `count` nearest motifs (at most all) of each finite float64 row of `x` ``(m, s)``, ranked by D
         then index: ``(m, count)`` indices, the farthest first and the others in no order, and their D."""
+        if count < 1:
+            raise MoMosValueError(f"count must be at least 1, got {count}")
         count = min(count, self.motifs.shape[0])
         order = self.locality_order(x)
         queries = np.ascontiguousarray(x[order])

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from momos import assign, kdtree
+from momos.errors import MoMosValueError
 from momos.kdtree import MotifTree
 
 
@@ -115,3 +116,10 @@ def test_a_bank_of_one_repeated_motif_sends_every_block_to_index_zero() -> None:
     np.testing.assert_array_equal(MotifTree(motifs).nearest(np.random.default_rng(0).standard_normal((50, 3))),
                                   np.zeros(50, dtype=np.int64))
     assert MotifTree(motifs).nearest(np.empty((0, 3))).shape == (0,)
+
+
+def test_bad_banks_and_counts_are_refused_by_name() -> None:
+    with pytest.raises(MoMosValueError, match=r"motifs must be a \(k, s\) array with k >= 1, got shape \(0, 4\)"):
+        MotifTree(np.empty((0, 4)))
+    with pytest.raises(MoMosValueError, match="count must be at least 1, got 0"):
+        MotifTree(np.ones((3, 4))).neighbors(np.zeros((2, 4)), 0)
