@@ -101,7 +101,7 @@ def test_each_split_separates_its_children(seed: int, k: int, s: int, grid: bool
 def test_chunks_on_several_threads_agree_with_the_definition(threads: int) -> None:
     rng = np.random.default_rng(threads)
     motifs = rng.standard_normal((2000, 4)) * 0.05
-    x = rng.standard_normal((3 * kdtree.QUERY_CHUNK + 17, 4)) * 0.05  # several chunks, each from a cold start
+    x = rng.standard_normal((3 * kdtree.QUERY_CHUNK + 17, 4)) * 0.05  # a run per thread, each from a cold start
     previous = torch.get_num_threads()
     try:
         got = MotifTree(motifs).nearest(x, threads)
