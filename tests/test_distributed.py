@@ -65,6 +65,7 @@ def _worker(rank: int, port: int, mode: str, out: str) -> None:
         assert excluded and not synced & momos_buffers
         _train(ddp, rank, WORLD)
         torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while a peer's collective is in flight (a rare SIGABRT)
     finally:
         dist.destroy_process_group()
 
@@ -81,6 +82,7 @@ def _fsdp_worker(rank: int, port: int, mode: str, out: str) -> None:
         with pytest.raises(momos.MoMosStateError, match="sharded"):
             momos.convert(model)
         torch.save({k: whole(v).detach() for k, v in model.state_dict().items()}, Path(out) / f"rank{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
