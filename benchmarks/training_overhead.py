@@ -5,9 +5,9 @@
 
 MLP (64 -> 256 x4 -> 10, AdamW with a cosine schedule, as `momos.train.fit`), s=4, c=0.05, a refresh per
 epoch, at each batch size (STE's assignment costs the same per step whatever the batch, so its ratio to
-dense falls as the batch grows: 2048, 25 steps an epoch, shows where it falls below the target). Synthetic data with `--samples` samples per epoch (the issue's targets:
-hard with a refresh per epoch <= 1.10x, ste <= 2x), then digits (an epoch of 23 steps, where one refresh
-dominates: reported, not judged).
+dense falls as the batch grows: 2048, 25 steps an epoch, shows where it falls below the target).
+Synthetic data with `--samples` samples per epoch (the issue's targets: hard with a refresh per epoch <=
+1.10x, ste <= 2x), then digits (an epoch of 23 steps, where one refresh dominates: reported, not judged).
 
 The dense model and the prepared one train side by side from the same weights on the same batches, in
 alternating phases of `--phase` steps each (which of the two goes first alternates too): this machine's

@@ -424,7 +424,7 @@ class MosaicTracker:
         index = motif_index(motifs, blocks.dtype)
         if self._index is not index or self._point.shape != blocks.shape or self._point.dtype != work \
                 or self._point.device != blocks.device:
-            _refuse_non_finite(blocks, slice(None))
+            self._refuse_non_finite(blocks, slice(None))
             self._index = index
             self._reset(blocks, work, index)
             guess = guess.to(blocks.device)
@@ -436,8 +436,8 @@ class MosaicTracker:
 
                 self._owner.copy_(guess)  # where a block's neighbour search proves nothing, its search starts
                 index.enlist(guess)
-                ties = kernels.on_threads(torch.get_num_threads(), kernels.start, blocks.to(work, copy=True).numpy(),
-                                          index.motifs.numpy(), guess.clone().numpy(), index.lazy, *self._arrays)
+                ties = kernels.on_torch_threads(kernels.start, blocks.to(work, copy=True).numpy(), index.motifs.numpy(),
+                                               guess.clone().numpy(), index.lazy, *self._arrays)
                 self._search_lost(ties, blocks)
             else:
                 self._search(slice(None), blocks, guess)
@@ -494,13 +494,14 @@ class MosaicTracker:
         return self._mosaic
 
     def _refuse_non_finite(self, blocks: torch.Tensor, rows: torch.Tensor | slice) -> None:
-        """Raise if any of the blocks `rows` is not finite; the state, which no longer describes them, starts
-        over on the next call."""
-        try:
-            _refuse_non_finite(blocks, rows)
-        except MoMosValueError:
+        """A clear error for latent weights with NaN or Inf values (a diverged training) among the blocks `rows`;
+        the state, which no longer describes them, starts over on the next call."""
+        finite = torch.isfinite(blocks[rows]).all(1)
+        if not finite.all():
             self._index = None
-            raise
+            bad = torch.arange(blocks.shape[0], device=blocks.device)[rows][~finite]
+            raise MoMosValueError(f"latent weights hold NaN or Inf values: {bad.numel()} of {blocks.shape[0]} blocks, "
+                                  f"the first block {int(bad[0])} = {blocks[bad[0]].tolist()}; the training diverged?")
 
     def _compiled_step(self, blocks: torch.Tensor, index: MotifIndex) -> torch.Tensor:
         """The incremental call above as one compiled pass (`momos.kernels`); blocks it could not settle
@@ -511,7 +512,7 @@ class MosaicTracker:
         args = (blocks.numpy(), index.motifs.numpy(), index.lazy, *self._arrays,
                 SEARCHED if k * s <= _BRUTE_FORCE else 0)
         if blocks.shape[0] > kernels.CHUNK and torch.get_num_threads() > 1:
-            self.rechecked, self.searched, lost = kernels.on_threads(torch.get_num_threads(), kernels.step, *args)
+            self.rechecked, self.searched, lost = kernels.on_torch_threads(kernels.step, *args)
         else:
             self.rechecked, self.searched, lost = kernels.step_serial(*args)
         self._search_lost(lost, blocks)
@@ -538,15 +539,6 @@ class MosaicTracker:
         if rows.numel():
             self._search(rows, blocks[rows], self._owner[rows])
             self._mosaic[rows] = self._owner[rows]
-
-
-def _refuse_non_finite(blocks: torch.Tensor, rows: torch.Tensor | slice) -> None:
-    """A clear error for latent weights that hold NaN or Inf values (a diverged training) among `rows`."""
-    finite = torch.isfinite(blocks[rows]).all(1)
-    if not finite.all():
-        bad = torch.arange(blocks.shape[0], device=blocks.device)[rows][~finite]
-        raise MoMosValueError(f"latent weights hold NaN or Inf values: {bad.numel()} of {blocks.shape[0]} blocks, the "
-                              f"first block {int(bad[0])} = {blocks[bad[0]].tolist()}; the training diverged?")
 
 
 @torch.library.custom_op("momos::nearest", mutates_args=())

@@ -18,7 +18,7 @@ bank's KD-tree and records them here (`adopt`), or the torch way where many moti
 The inner loops run over a row's motifs with no branch and no division check (numba's numpy error
 model: a zero spacing gives inf or nan, replaced right after), so LLVM vectorizes them; the rows of a
 step that go past the cheapest test are listed first and worked on after. `start` and `step` split the
-blocks into chunks run on numba's threads, as many as torch's (`on_threads`, each call):
+blocks into chunks run on numba's threads, as many as torch's (`on_torch_threads`, each call):
 a chunk searches only among lists already built, and one thread then builds the lists missing and
 searches the blocks left (`step_serial` does the same on the calling thread, for small tensors and one
 thread). This module imports numba; `momos.incremental` imports it on first use. numba compiles each loop
@@ -38,7 +38,7 @@ from momos.incremental import _TIE_SPACING, MARGIN
 
 # numba infers every argument's type at the first call: the loops below carry no annotations.
 _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
-# The entry points split their rows among threads (numba's, as many as the caller asks: `on_threads`).
+# The entry points split a tensor's blocks among threads (numba's, as many as torch's: `on_torch_threads`).
 _parallel = numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 # Blocks a thread works on at a time.
 CHUNK = 2048
@@ -481,13 +481,13 @@ def _search_left(x, z, lists, state, mosaic, lost, searched, left):
     return num_lost
 
 
-def on_threads(count: int, loop: Callable[..., Any], *args: Any) -> Any:
-    """Run the parallel compiled `loop` on `count` threads (at most numba's pool). numba's OpenMP pool sets
+def on_torch_threads(loop: Callable[..., Any], *args: Any) -> Any:
+    """Run the parallel compiled `loop` on torch's threads (at most numba's pool). numba's OpenMP pool sets
     OpenMP's thread count when it starts, under torch's feet: torch's is put back."""
     import torch
 
     before = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(before, numba.config.NUMBA_NUM_THREADS)))
     try:
         return loop(*args)
     finally:
