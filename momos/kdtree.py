@@ -2,7 +2,7 @@
 
 It serves `momos.assign`'s "kdtree" engine (a refresh's assignment on CPU, small block sizes) and the
 STE tracker's searches and neighbour lists (`momos.incremental`). The tree computes assign's D itself
-(`kernels._distance`: float64, coordinate by coordinate), ranks equal distances by the lower index, and
+(`_distance`: float64, coordinate by coordinate), ranks equal distances by the lower index, and
 skips a subtree only when its box lies farther than the worst motif kept so far by more than float
 rounding. Every skipped motif is then strictly farther than every motif kept, so the answer is the
 definition's and needs no re-check (scipy's cKDTree, used before, rounds its own way: its candidates had
@@ -26,7 +26,10 @@ import numba
 import numpy as np
 
 from momos.errors import MoMosValueError
-from momos.kernels import _distance, _jit
+
+# numba infers every argument's type at the first call: the loops carry no annotations. `momos.kernels`
+# shares this and `_distance`.
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 
 # Motifs per leaf: smaller leaves prune more but cost more branches (8 and 32 measured slower than 16).
 LEAF_SIZE = 16
@@ -44,6 +47,22 @@ _WARM_COUNT = 24
 # 2^16 cells in all).
 _GRID_CELLS = 16
 _GRID_DIMS = 4
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _distance(x, i, z, j):
+    """D(x_i, z_j): float64, summed coordinate by coordinate. Blocks of 4 (the default) are spelled out:
+    a loop over a length unknown at compile time keeps LLVM from vectorizing the loops over motifs around
+    it, which made a search 2-3x slower."""
+    if x.shape[1] == 4:
+        a, b = float(x[i, 0]) - float(z[j, 0]), float(x[i, 1]) - float(z[j, 1])
+        c, e = float(x[i, 2]) - float(z[j, 2]), float(x[i, 3]) - float(z[j, 3])
+        return ((a * a + b * b) + c * c) + e * e  # the loop's order of summation, so the same value
+    total = 0.0
+    for c in range(x.shape[1]):
+        diff = float(x[i, c]) - float(z[j, c])
+        total += diff * diff
+    return total
 
 
 @_jit
@@ -171,17 +190,71 @@ def _replace_top(heap_d, heap, size, d, j):
 
 
 @_jit
-def _search(x, lo, hi, z, first, end, axis, split, left, right, order, points, depth, largest, found, found_d):
+def _query(x, i, tree, heap_d, heap, size, seen, stamp, work):
+    """Complete the max-heap ``heap[:size]`` (by rank, the worst on top) of motifs near row `i` of `x` into its
+    ``count = heap.shape[0]`` nearest motifs (``count <= k``) of the tree's bank, ranked by D and then index.
+    The heap may start with any distinct motifs and their D (a warm start: their distances prune the tree at
+    once), each marked ``seen[j] == stamp``; every motif kept is marked so, and `stamp` must be new to
+    `seen`. `work` is `_work`'s scratch space. Returns the heap's size, `count`."""
+    first, end, axis, split, left, right, order, points, _, _ = tree
+    stack, box, offsets, offset, distances = work
+    s, count = x.shape[1], heap.shape[0]
+    stack[0], box[0], top = 0, 0.0, 1
+    for c in range(s):
+        offsets[0, c] = 0.0
+    while top:
+        top -= 1
+        node = stack[top]
+        if size == count and box[top] * (1 - _PRUNE_SLACK) > heap_d[0]:
+            continue
+        reach = box[top]
+        for c in range(s):
+            offset[c] = offsets[top, c]
+        while axis[node] >= 0:  # down to a leaf, the nearer child first, the farther one kept for later
+            c = axis[node]
+            gap = x[i, c] - split[node]
+            near, far = (left[node], right[node]) if gap < 0 else (right[node], left[node])
+            # The far child's box: this axis's distance becomes the gap to the split.
+            farther = reach - offset[c] * offset[c] + gap * gap
+            if size < count or farther * (1 - _PRUNE_SLACK) <= heap_d[0]:
+                stack[top], box[top] = far, farther
+                for axis_c in range(s):
+                    offsets[top, axis_c] = offset[axis_c]
+                offsets[top, c] = gap
+                top += 1
+            node = near
+        a = first[node]
+        for t in range(a, end[node]):
+            distances[t - a] = _distance(x, i, points, t)
+        for t in range(a, end[node]):
+            d, j = distances[t - a], order[t]
+            if size < count:
+                if seen[j] != stamp:
+                    size = _keep(heap_d, heap, size, d, j)
+                    seen[j] = stamp
+            elif d <= heap_d[0] and _worse(heap_d[0], heap[0], d, j) and seen[j] != stamp:
+                _replace_top(heap_d, heap, size, d, j)
+                seen[j] = stamp
+    return size
+
+
+@_jit
+def _work(tree, s):
+    """`_query`'s scratch space for a tree over motifs of size `s`: the pending far children (node, the box's
+    distance and the query's distance to it on each axis) and one leaf's distances."""
+    depth, largest = tree[8], tree[9]
+    return (np.empty(depth + 1, np.int64), np.empty(depth + 1), np.empty((depth + 1, s)), np.empty(s),
+            np.empty(largest))
+
+
+@_jit
+def _search(x, lo, hi, z, tree, found, found_d):
     """The ``count = found.shape[1]`` nearest motifs (``count <= k``) of rows ``lo..hi`` of `x`, ranked by D and
     then index, into `found` (the farthest first, the others in no order) and their D into `found_d`. A query
     for up to `_WARM_COUNT` motifs starts from the previous one's answer, whose distances prune most of the
     tree at once."""
-    s, count = x.shape[1], found.shape[1]
-    stack = np.empty(depth + 1, np.int64)  # pending far children, each with its box's distance
-    box = np.empty(depth + 1)
-    offsets = np.empty((depth + 1, s))  # per axis, the query's distance to that box
-    offset = np.empty(s)
-    distances = np.empty(largest)
+    count = found.shape[1]
+    work = _work(tree, x.shape[1])
     heap_d, heap = np.empty(count), np.empty(count, np.int64)
     seen = np.full(z.shape[0], -1, np.int64)  # the query that last put each motif into the heap
     for i in range(lo, hi):
@@ -191,42 +264,7 @@ def _search(x, lo, hi, z, first, end, axis, split, left, right, order, points, d
                 j = found[i - 1, r]
                 size = _keep(heap_d, heap, size, _distance(x, i, z, j), j)
                 seen[j] = i
-        stack[0], box[0], top = 0, 0.0, 1
-        for c in range(s):
-            offsets[0, c] = 0.0
-        while top:
-            top -= 1
-            node = stack[top]
-            if size == count and box[top] * (1 - _PRUNE_SLACK) > heap_d[0]:
-                continue
-            reach = box[top]
-            for c in range(s):
-                offset[c] = offsets[top, c]
-            while axis[node] >= 0:  # down to a leaf, the nearer child first, the farther one kept for later
-                c = axis[node]
-                gap = x[i, c] - split[node]
-                near, far = (left[node], right[node]) if gap < 0 else (right[node], left[node])
-                # The far child's box: this axis's distance becomes the gap to the split.
-                farther = reach - offset[c] * offset[c] + gap * gap
-                if size < count or farther * (1 - _PRUNE_SLACK) <= heap_d[0]:
-                    stack[top], box[top] = far, farther
-                    for axis_c in range(s):
-                        offsets[top, axis_c] = offset[axis_c]
-                    offsets[top, c] = gap
-                    top += 1
-                node = near
-            a = first[node]
-            for t in range(a, end[node]):
-                distances[t - a] = _distance(x, i, points, t)
-            for t in range(a, end[node]):
-                d, j = distances[t - a], order[t]
-                if size < count:
-                    if seen[j] != i:
-                        size = _keep(heap_d, heap, size, d, j)
-                        seen[j] = i
-                elif d <= heap_d[0] and _worse(heap_d[0], heap[0], d, j) and seen[j] != i:
-                    _replace_top(heap_d, heap, size, d, j)
-                    seen[j] = i
+        _query(x, i, tree, heap_d, heap, size, seen, i, work)
         for r in range(count):
             found[i, r], found_d[i, r] = heap[r], heap_d[r]
 
@@ -238,7 +276,7 @@ class MotifTree:
         if motifs.ndim != 2 or motifs.shape[0] < 1:
             raise MoMosValueError(f"motifs must be a (k, s) array with k >= 1, got shape {motifs.shape}")
         self.motifs = np.ascontiguousarray(motifs, dtype=np.float64)
-        self._tree = _build(self.motifs, LEAF_SIZE)
+        self.arrays = _build(self.motifs, LEAF_SIZE)  # for compiled callers: `_query`
         self._low = self.motifs.min(0)
         extent = self.motifs.max(0) - self._low
         self._scale = np.divide(_GRID_CELLS, extent, out=np.zeros_like(extent), where=extent > 0)  # cells per unit
@@ -275,7 +313,7 @@ class MotifTree:
         bounds = [x.shape[0] * r // runs for r in range(runs + 1)]
 
         def search(run: int) -> None:
-            _search(queries, bounds[run], bounds[run + 1], self.motifs, *self._tree, found, found_d)
+            _search(queries, bounds[run], bounds[run + 1], self.motifs, self.arrays, found, found_d)
 
         if runs > 1:
             # The compiled search releases the GIL, so Python threads run it in parallel (a numba parallel

@@ -35,9 +35,8 @@ import numba
 import numpy as np
 
 from momos.incremental import _TIE_SPACING, MARGIN
+from momos.kdtree import _distance, _jit
 
-# numba infers every argument's type at the first call: the loops below carry no annotations.
-_jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 # The entry points split a tensor's blocks among threads (numba's, as many as torch's: `on_torch_threads`).
 _parallel = numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 # Blocks a thread works on at a time.
@@ -45,22 +44,6 @@ CHUNK = 2048
 
 # Relative rounding allowed on a neighbour list's reach and a block's distance to the list's motif.
 _REACH_ROUNDING = 1e-12
-
-
-@numba.njit(cache=True, nogil=True, inline="always")
-def _distance(x, i, z, j):
-    """D(x_i, z_j): float64, summed coordinate by coordinate. Blocks of 4 (the default) are spelled out:
-    a loop over a length unknown at compile time keeps LLVM from vectorizing the loops over motifs around
-    it, which made a search 2-3x slower."""
-    if x.shape[1] == 4:
-        a, b = float(x[i, 0]) - float(z[j, 0]), float(x[i, 1]) - float(z[j, 1])
-        c, e = float(x[i, 2]) - float(z[j, 2]), float(x[i, 3]) - float(z[j, 3])
-        return ((a * a + b * b) + c * c) + e * e  # the loop's order of summation, so the same value
-    total = 0.0
-    for c in range(x.shape[1]):
-        diff = float(x[i, c]) - float(z[j, c])
-        total += diff * diff
-    return total
 
 
 @_jit
