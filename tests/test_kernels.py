@@ -27,8 +27,8 @@ def _torch_settle(x: torch.Tensor, lists: torch.Tensor, rest: torch.Tensor,
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**16), k=st.sampled_from([2, 3, 12, 40]), s=st.sampled_from([1, 2, 4, 8]),
-       width=st.sampled_from([2, 5, FACETS + 2, 24]))
+@given(seed=st.integers(0, 2**16), k=st.sampled_from([2, 3, 12, 40, 200]), s=st.sampled_from([1, 2, 4, 8]),
+       width=st.sampled_from([2, 5, FACETS + 2, 24, 64, 128]))  # 44 and more: the selection's prefilter
 def test_settle_equals_the_torch_settle(seed: int, k: int, s: int, width: int) -> None:
     g = torch.Generator().manual_seed(seed)
     motifs = torch.randn(k, s, generator=g, dtype=torch.float64)
@@ -52,6 +52,17 @@ def test_settle_equals_the_torch_settle(seed: int, k: int, s: int, width: int) -
     assert torch.equal(got.listed, want.listed)
     for name in ("radius", "bound", "pair_radius"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-12, atol=1e-15)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, math.inf]) | st.floats(0, 4), min_size=1, max_size=200),
+       wanted=st.integers(1, 20))
+def test_smallest_ranks_finite_values_by_value_then_position(values: list[float], wanted: int) -> None:
+    array, order = np.array(values), np.full(2 * len(values), -1, dtype=np.int64)
+    count = kernels._smallest(array, len(values), wanted, order, np.empty(wanted))
+    finite = [j for j in np.argsort(array, kind="stable") if array[j] < math.inf]
+    assert count == min(wanted, len(finite))
+    assert order[:count].tolist() == finite[:wanted]
 
 
 @settings(max_examples=30, deadline=None)
