@@ -62,8 +62,8 @@ _TREE_MIN_MOTIFS = 256
 _TIE_SPACING = 1e-6
 # Elements of the largest temporary distance array.
 _CHUNK_ELEMENTS = 1 << 21
-# Largest bank (motifs x block size) in which the compiled pass searches a block its neighbour lists do not
-# settle by brute force: up to here that costs less than leaving the loop for a KD-tree query.
+# Largest bank (motifs x block size) without a KD-tree in which the compiled pass searches a block its
+# neighbour lists do not settle by brute force (larger: the torch way, after the pass).
 _BRUTE_FORCE = 1 << 14
 # On CPU the per-block loops run compiled (`momos.kernels`, numba); False runs the torch version
 # everywhere, which computes the same answers (the tests compare both).
@@ -436,8 +436,10 @@ class MosaicTracker:
 
                 self._owner.copy_(guess)  # where a block's neighbour search proves nothing, its search starts
                 index.enlist(guess)
+                tree, searched = _searches(index, 0)
                 ties = kernels.on_torch_threads(kernels.start, blocks.to(work, copy=True).numpy(), index.motifs.numpy(),
-                                               guess.clone().numpy(), index.lazy, *self._arrays)
+                                               guess.clone().numpy(), index.lazy, tree, *self._arrays, searched,
+                                               kernels.torch_threads())
                 self._search_lost(ties, blocks)
             else:
                 self._search(slice(None), blocks, guess)
@@ -508,37 +510,39 @@ class MosaicTracker:
         (rare: far from every motif they were near) are searched here."""
         from momos import kernels
 
-        k, s = index.motifs.shape
-        args = (blocks.numpy(), index.motifs.numpy(), index.lazy, *self._arrays,
-                SEARCHED if k * s <= _BRUTE_FORCE else 0)
+        tree, searched = _searches(index, _BRUTE_FORCE)
+        args = (blocks.numpy(), index.motifs.numpy(), index.lazy, tree, *self._arrays, searched)
         if blocks.shape[0] > kernels.CHUNK and torch.get_num_threads() > 1:
-            self.rechecked, self.searched, lost = kernels.on_torch_threads(kernels.step, *args)
+            self.rechecked, self.searched, lost = kernels.on_torch_threads(kernels.step, *args,
+                                                                           kernels.torch_threads())
         else:
             self.rechecked, self.searched, lost = kernels.step_serial(*args)
         self._search_lost(lost, blocks)
         return self._mosaic
 
     def _search_lost(self, count: int, blocks: torch.Tensor) -> None:
-        """Search the first `count` blocks listed in `_lost`: in the bank's KD-tree, recorded by a compiled
-        pass, where there is one; the torch way (`search`) where not, or where many motifs tie."""
+        """Search the first `count` blocks listed in `_lost`, which a compiled pass could not prove: NaN blocks
+        (refused here), or blocks with more than `SEARCHED` motifs at one distance, which the torch way
+        (`search`) decides."""
         if not count:
             return
         rows = self._lost[:count].clone()
-        self._refuse_non_finite(blocks, rows)  # the compiled pass leaves NaN blocks to it
-        if self._index.tree is not None:
-            from momos import kernels
+        self._refuse_non_finite(blocks, rows)
+        self._search(rows, blocks[rows], self._owner[rows])
+        self._mosaic[rows] = self._owner[rows]
 
-            z = self._index.motifs
-            width = min(SEARCHED, z.shape[0])
-            x = blocks[rows].to(torch.float64).numpy()
-            lists, d = self._index.tree.neighbors(x, width, torch.get_num_threads())
-            # The farthest found bounds every other motif.
-            rest = np.sqrt(d[:, 0]) if width < z.shape[0] else np.full(count, np.inf)
-            ties = kernels.adopt(rows.numpy(), x, lists, rest, z.numpy(), *self._arrays)
-            rows = rows[self._lost[:ties].clone()]
-        if rows.numel():
-            self._search(rows, blocks[rows], self._owner[rows])
-            self._mosaic[rows] = self._owner[rows]
+
+def _searches(index: MotifIndex, brute_force: int) -> tuple[tuple, int]:
+    """How the compiled loops search a block of `index`'s bank that its neighbour list does not settle: among its
+    `SEARCHED` nearest motifs in the bank's KD-tree where there is one; else by brute force in banks of up to
+    `brute_force` values, or not at all (0: the caller searches). The tree's arrays (`kdtree.NO_TREE` for
+    none) and that count."""
+    from momos import kdtree
+
+    k, s = index.motifs.shape
+    if index.tree is not None:
+        return index.tree.arrays, min(SEARCHED, k)
+    return kdtree.NO_TREE, SEARCHED if k * s <= brute_force else 0
 
 
 @torch.library.custom_op("momos::nearest", mutates_args=())

@@ -269,6 +269,11 @@ def _search(x, lo, hi, z, tree, found, found_d):
             found[i, r], found_d[i, r] = heap[r], heap_d[r]
 
 
+# What compiled callers pass for a bank without a tree: `_build`'s arrays, empty.
+NO_TREE = (*(np.empty(0, np.int64) for _ in range(3)), np.empty(0), *(np.empty(0, np.int64) for _ in range(3)),
+           np.empty((0, 1)), 1, 1)
+
+
 class MotifTree:
     """Exact nearest-motif queries against one float64 bank ``(k, s)``, ``k >= 1``, of finite motifs."""
 

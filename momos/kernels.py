@@ -11,18 +11,21 @@ One thing only the compiled path has: a block that must be searched again is sea
 listed motif's distance to it (a restart builds the lists of its start motifs in one query of the bank's
 KD-tree, `enlist`; any other list is built on first use by brute force over the bank). A block at
 distance r from motif c has every motif that is not on c's list at least ``reach(c) - r`` away, which
-usually proves the nearest on the list. Blocks it does not prove (far from every motif) are searched by
-brute force in small banks; the rest are left to the caller (`MosaicTracker`), which searches them in the
-bank's KD-tree and records them here (`adopt`), or the torch way where many motifs tie.
+usually proves the nearest on the list. A block it does not prove (far from every motif) is searched among
+its `SEARCHED` nearest motifs: in the bank's KD-tree where there is one (`momos.kdtree`, from a heap of the
+list's nearest: 8-9 us against 13-15 us by brute force over the benchmark's 2,707 motifs), else by brute
+force in small banks; the rest are left to the caller (`MosaicTracker`), which searches them the torch way
+(many motifs tie).
 
 The inner loops run over a row's motifs with no branch and no division check (numba's numpy error
 model: a zero spacing gives inf or nan, replaced right after), so LLVM vectorizes them; the rows of a
 step that go past the cheapest test are listed first and worked on after. `start` and `step` split the
-blocks into chunks run on numba's threads, as many as torch's (`on_torch_threads`, each call):
-a chunk searches only among lists already built, and one thread then builds the lists missing and
-searches the blocks left (`step_serial` does the same on the calling thread, for small tensors and one
-thread). This module imports numba; `momos.incremental` imports it on first use. numba compiles each loop
-once per argument types and caches the machine code on disk.
+blocks into chunks shared among numba's threads, as many as torch's (`on_torch_threads`, each call), each
+thread with scratch space of its own (O(k) for the tree's searches): a chunk searches only among lists
+already built, and one thread then builds the lists missing and searches the blocks left (`step_serial`
+does the same on the calling thread, for small tensors and one thread). This module imports numba;
+`momos.incremental` imports it on first use. numba compiles each loop once per argument types and caches
+the machine code on disk.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import numba
 import numpy as np
 
 from momos.incremental import _TIE_SPACING, MARGIN
-from momos.kdtree import _distance, _jit
+from momos.kdtree import _distance, _jit, _keep, _query, _replace_top, _work, _worse
 
 # The entry points split a tensor's blocks among threads (numba's, as many as torch's: `on_torch_threads`).
 _parallel = numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
@@ -318,6 +321,49 @@ def _search_all(i, x, z, searched, state, scratch, work):
 
 
 @_jit
+def _search_tree(i, x, z, tree, state, scratch, query, seeds, seed_d):
+    """Search block `i` of `x` among its nearest motifs, as many as `query` holds, found in the bank's KD-tree
+    (`momos.kdtree`) from a heap seeded with the distinct motifs `seeds` at D `seed_d` (near ones prune the tree
+    at once); True where that proves its nearest motif (and records the search)."""
+    heap_d, heap, seen, stamp, work = query
+    stamp[0] += 1
+    size, count = 0, heap.shape[0]
+    for r in range(seeds.shape[0]):
+        j, d = seeds[r], seed_d[r]
+        if size < count:
+            size = _keep(heap_d, heap, size, d, j)
+            seen[j] = stamp[0]
+        elif _worse(heap_d[0], heap[0], d, j):
+            seen[heap[0]] = 0  # left out: a motif the tree may offer again
+            _replace_top(heap_d, heap, size, d, j)
+            seen[j] = stamp[0]
+    _query(x, i, tree, heap_d, heap, size, seen, stamp[0], work)
+    rest = math.sqrt(heap_d[0]) if count < z.shape[0] else math.inf  # the farthest found bounds every other
+    return _searched(i, x, i, heap, rest, z, state, scratch, np.empty(0, dtype=np.float32), -1)
+
+
+@_jit
+def _tree_scratch(tree, z, count):
+    """`_search_tree`'s scratch space for queries of `count` motifs: the heap, each motif's last query, the
+    query count and `momos.kdtree._work`; nothing for a bank without a tree (`count` 0)."""
+    k = z.shape[0] if count > 0 else 0
+    return np.empty(count), np.empty(count, np.int64), np.full(k, -1, np.int64), np.zeros(1, np.int64), \
+        _work(tree, z.shape[1])
+
+
+@_jit
+def _search_again(i, x, center, z, lists, tree, state, scratch, work, query, searched):
+    """Search block `i` of `x` among the neighbour list of motif `center` and, where that proves nothing, among
+    its nearest motifs: in the bank's KD-tree where there is one (`query` then has room for them), else by brute
+    force where `searched` > 0. True where a search proves its nearest motif (and records it)."""
+    if _search_near(i, x, i, center, z, lists, state, scratch, work):
+        return True
+    if query[0].shape[0] > 0:  # from the list's distances, which the search left in its scratch space
+        return _search_tree(i, x, z, tree, state, scratch, query, lists[0][center], scratch[0])
+    return searched > 0 and _search_all(i, x, z, searched, state, scratch, work)
+
+
+@_jit
 def _scratch(width, k):
     """Scratch space for rows of up to `width` motifs, (d, facet, gap, order), and for searches of up to
     `width` + 1 motifs over a bank of `k`, `_nearest`'s work."""
@@ -325,57 +371,50 @@ def _scratch(width, k):
             (np.empty(width + 1, dtype=np.int64), np.empty(k), np.empty(k, dtype=np.int64), np.empty(width + 1)))
 
 
-@_parallel
-def start(x, z, guess, lists, state, mosaic, ties):
-    """Search every block of `x` ``(m, s)`` among the neighbours of its `guess` motif and record it; writes
-    into `ties` the blocks that does not prove and returns how many."""
+@_jit
+def _start_run(x, z, guess, lists, tree, state, mosaic, ties, searched, run, runs, left):
+    """`start` on chunks ``run, run + runs, ...`` of the blocks, with one allocation of scratch space: the
+    blocks whose guess's list is built; the others into their chunk of `ties`."""
     m = x.shape[0]
     built = lists[3]
-    chunks = (m + CHUNK - 1) // CHUNK
-    left = np.zeros(chunks, dtype=np.int64)
-    for chunk in numba.prange(chunks):  # the blocks whose list is built; the others into their chunk of `ties`
+    scratch, work = _scratch(max(state[6].shape[1], lists[0].shape[1], searched), 0)  # no brute force here
+    query = _tree_scratch(tree, z, searched if tree[0].shape[0] > 0 else 0)
+    for chunk in range(run, left.shape[0], runs):
         lo, hi = chunk * CHUNK, min(chunk * CHUNK + CHUNK, m)
-        scratch, work = _scratch(lists[0].shape[1], 0)
         for i in range(lo, hi):
             if not built[guess[i]]:
                 mosaic[i] = guess[i]  # the motif `_search_left` searches it from
                 ties[lo + left[chunk]] = i
                 left[chunk] += 1
-            elif _search_near(i, x, i, guess[i], z, lists, state, scratch, work):
+            elif _search_again(i, x, guess[i], z, lists, tree, state, scratch, work, query, 0):
                 mosaic[i] = state[1][i]
             else:  # searched already: a tie, entered as -1 - i
                 ties[lo + left[chunk]] = -1 - i
                 left[chunk] += 1
-    return _search_left(x, z, lists, state, mosaic, ties, 0, left)
+
+
+@_parallel
+def start(x, z, guess, lists, tree, state, mosaic, ties, searched, threads):
+    """Search every block of `x` ``(m, s)`` among the neighbours of its `guess` motif and, where that proves
+    nothing, among its `searched` nearest motifs in the bank's KD-tree `tree` (`momos.kdtree.NO_TREE`: none);
+    record it. Writes into `ties` the blocks that does not prove and returns how many. The chunks of blocks
+    are shared among `threads` runs."""
+    chunks = (x.shape[0] + CHUNK - 1) // CHUNK
+    left = np.zeros(chunks, dtype=np.int64)
+    runs = min(threads, chunks)
+    for run in numba.prange(runs):
+        _start_run(x, z, guess, lists, tree, state, mosaic, ties, searched, run, runs, left)
+    return _search_left(x, z, lists, tree, state, mosaic, ties, searched, left)
 
 
 @_jit
-def adopt(rows, x, lists, rest, z, state, mosaic, ties):
-    """Record the searches of the blocks `rows`, at the rows of `x` ``(c, s)``: their nearest motifs `lists`
-    ``(c, L)`` and lower bounds `rest` on the distance of every other motif. Writes into `ties` the rows
-    (of `rows`) whose nearest that does not prove; returns how many."""
-    scratch, _ = _scratch(lists.shape[1], 0)
-    spacing = np.empty(0, dtype=np.float32)
-    num_ties = 0
-    for r in range(rows.shape[0]):
-        i = rows[r]
-        if _searched(i, x, r, lists[r], rest[r], z, state, scratch, spacing, -1):
-            mosaic[i] = state[1][i]
-        else:
-            ties[num_ties] = r
-            num_ties += 1
-    return num_ties
-
-
-@_jit
-def _step_blocks(x, z, lists, state, mosaic, lost, searched, lo, hi):
-    """`step` on the blocks ``lo..hi``, searching only among lists already built (another thread may be
-    reading any of them): returns (blocks past their slack, blocks searched, blocks left), those left in
-    ``lost[lo:]``: a block whose list is not built yet with the motif to search it from in its `mosaic`
-    entry, a block searched in vain as ``-1 - i``."""
+def _step_blocks(x, z, lists, tree, state, mosaic, lost, searched, lo, hi, scratch, work, query):
+    """`step` on the blocks ``lo..hi`` with a thread's scratch space, searching only among lists already built
+    (another thread may be reading any of them): returns (blocks past their slack, blocks searched, blocks
+    left), those left in ``lost[lo:]``: a block whose list is not built yet with the motif to search it from
+    in its `mosaic` entry, a block searched in vain as ``-1 - i``."""
     point, owner, partner, slack, pair_slack, anchor, candidates, bound = state
     built = lists[3]
-    scratch, work = _scratch(max(candidates.shape[1], lists[0].shape[1], searched), z.shape[0])
     # The candidate check needs only the two nearest facets.
     listed = np.empty((1, 2), dtype=candidates.dtype)
     empty = np.empty(0, dtype=np.float32)
@@ -423,8 +462,7 @@ def _step_blocks(x, z, lists, state, mosaic, lost, searched, lo, hi):
             mosaic[i] = nearest
             moved[num_left] = i  # num_left <= t: behind the entry just read
             num_left += 1
-        elif _search_near(i, x, i, nearest, z, lists, state, scratch, work) \
-                or (searched > 0 and _search_all(i, x, z, searched, state, scratch, work)):
+        elif _search_again(i, x, nearest, z, lists, tree, state, scratch, work, query, searched):
             mosaic[i] = owner[i]
         else:
             moved[num_left] = -1 - i
@@ -432,59 +470,74 @@ def _step_blocks(x, z, lists, state, mosaic, lost, searched, lo, hi):
     return count, found, num_left
 
 
+@_jit
+def _step_run(x, z, lists, tree, state, mosaic, lost, searched, run, runs, rechecked, found, left):
+    """`_step_blocks` on chunks ``run, run + runs, ...`` of the blocks, with one allocation of scratch space."""
+    m = x.shape[0]
+    scratch, work = _scratch(max(state[6].shape[1], lists[0].shape[1], searched), z.shape[0])
+    query = _tree_scratch(tree, z, searched if tree[0].shape[0] > 0 else 0)
+    for chunk in range(run, rechecked.shape[0], runs):
+        lo, hi = chunk * CHUNK, min(chunk * CHUNK + CHUNK, m)
+        rechecked[chunk], found[chunk], left[chunk] = _step_blocks(x, z, lists, tree, state, mosaic, lost, searched,
+                                                                   lo, hi, scratch, work, query)
+
+
 @_parallel
-def step(x, z, lists, state, mosaic, lost, searched):
+def step(x, z, lists, tree, state, mosaic, lost, searched, threads):
     """`MosaicTracker.mosaic` on an established state, in one pass over the blocks `x` ``(m, s)``.
 
     Writes each block's nearest motif (over the float64 bank `z`) into `mosaic` and updates the state of
-    the blocks it looked at again. A block that left the bound of its last search is searched among the
-    neighbours of its nearest candidate and, where that proves nothing and `searched` > 0, among its
-    `searched` nearest motifs found by brute force. A block still unproven is written into `lost`, its mosaic
-    entry left to the caller. Returns (blocks that moved past their slack, blocks searched, blocks lost).
+    the blocks it looked at again. A block that left the bound of its last search is searched again: among
+    its `searched` nearest motifs, found in the bank's KD-tree `tree` (`momos.kdtree.NO_TREE`: none); without
+    a tree, among the neighbours of its nearest candidate and, where that proves nothing and `searched` > 0,
+    among its `searched` nearest motifs found by brute force. A block still unproven is written into `lost`,
+    its mosaic entry left to the caller. Returns (blocks that moved past their slack, blocks searched, blocks
+    lost). The chunks of blocks are shared among `threads` runs, each with its own scratch space.
     """
-    m = x.shape[0]
-    chunks = (m + CHUNK - 1) // CHUNK
+    chunks = (x.shape[0] + CHUNK - 1) // CHUNK
     rechecked, found, left = np.zeros(chunks, np.int64), np.zeros(chunks, np.int64), np.zeros(chunks, np.int64)
-    for chunk in numba.prange(chunks):
-        lo, hi = chunk * CHUNK, min(chunk * CHUNK + CHUNK, m)
-        rechecked[chunk], found[chunk], left[chunk] = _step_blocks(x, z, lists, state, mosaic, lost, searched, lo, hi)
-    return rechecked.sum(), found.sum(), _search_left(x, z, lists, state, mosaic, lost, searched, left)
+    runs = min(threads, chunks)
+    for run in numba.prange(runs):
+        _step_run(x, z, lists, tree, state, mosaic, lost, searched, run, runs, rechecked, found, left)
+    return rechecked.sum(), found.sum(), _search_left(x, z, lists, tree, state, mosaic, lost, searched, left)
 
 
 @_jit
-def step_serial(x, z, lists, state, mosaic, lost, searched):
+def step_serial(x, z, lists, tree, state, mosaic, lost, searched):
     """`step` on the calling thread: entering numba's parallel region costs more than the work of a small
     tensor, or of any tensor on one thread."""
-    m = x.shape[0]
-    chunks = (m + CHUNK - 1) // CHUNK
-    rechecked, found, left = 0, 0, np.zeros(chunks, np.int64)
-    for chunk in range(chunks):
-        lo, hi = chunk * CHUNK, min(chunk * CHUNK + CHUNK, m)
-        more_rechecked, more_found, left[chunk] = _step_blocks(x, z, lists, state, mosaic, lost, searched, lo, hi)
-        rechecked += more_rechecked
-        found += more_found
-    return rechecked, found, _search_left(x, z, lists, state, mosaic, lost, searched, left)
+    chunks = (x.shape[0] + CHUNK - 1) // CHUNK
+    rechecked, found, left = np.zeros(chunks, np.int64), np.zeros(chunks, np.int64), np.zeros(chunks, np.int64)
+    _step_run(x, z, lists, tree, state, mosaic, lost, searched, 0, 1, rechecked, found, left)
+    return rechecked.sum(), found.sum(), _search_left(x, z, lists, tree, state, mosaic, lost, searched, left)
 
 
 @_jit
-def _search_left(x, z, lists, state, mosaic, lost, searched, left):
+def _search_left(x, z, lists, tree, state, mosaic, lost, searched, left):
     """The end of a `start` or `step`, on one thread: build the lists missing and search the blocks that
     waited for them (``left[c]`` of them at the start of chunk c of `lost`, each from its `mosaic` entry;
-    those searched in vain already as ``-1 - i``), by brute force too where `searched` > 0. Writes the blocks
-    still unproven at the start of `lost`; returns how many."""
+    those searched in vain already as ``-1 - i``), as `_search_again` does. Writes the blocks still unproven
+    at the start of `lost`; returns how many."""
     owner = state[1]
     scratch, work = _scratch(max(state[6].shape[1], lists[0].shape[1], searched), z.shape[0])
+    query = _tree_scratch(tree, z, searched if tree[0].shape[0] > 0 else 0)
     num_lost = 0
     for chunk in range(left.shape[0]):
         for t in range(left[chunk]):
             i = lost[chunk * CHUNK + t]
-            if i >= 0 and (_search_near(i, x, i, mosaic[i], z, lists, state, scratch, work)
-                           or (searched > 0 and _search_all(i, x, z, searched, state, scratch, work))):
+            if i >= 0 and _search_again(i, x, mosaic[i], z, lists, tree, state, scratch, work, query, searched):
                 mosaic[i] = owner[i]
             else:
                 lost[num_lost] = i if i >= 0 else -1 - i  # behind the entry just read
                 num_lost += 1
     return num_lost
+
+
+def torch_threads() -> int:
+    """The threads `on_torch_threads` runs a loop on: torch's, at most numba's pool."""
+    import torch
+
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
 def on_torch_threads(loop: Callable[..., Any], *args: Any) -> Any:
@@ -493,7 +546,7 @@ def on_torch_threads(loop: Callable[..., Any], *args: Any) -> Any:
     import torch
 
     before = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(before, numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(torch_threads())
     try:
         return loop(*args)
     finally:

@@ -65,6 +65,29 @@ def test_smallest_ranks_finite_values_by_value_then_position(values: list[float]
     assert order[:count].tolist() == finite[:wanted]
 
 
+def test_a_search_its_list_cannot_prove_is_proven_in_the_kd_tree() -> None:
+    # A block far from every motif: its nearest motif's list reaches too short, the tree's search settles it.
+    g = torch.Generator().manual_seed(0)
+    motifs = torch.randn(600, 4, generator=g, dtype=torch.float64) * 0.1
+    blocks = motifs[:50] + 0.01 * torch.randn(50, 4, generator=g, dtype=torch.float64)
+    tracker = incremental.MosaicTracker()
+    tracker.mosaic(blocks, motifs, assign.nearest(blocks, motifs))
+    index = tracker._index
+    assert index.tree is not None
+    state, _, _ = tracker._arrays
+    z, lists = index.motifs.numpy(), index.lazy
+    far = blocks.clone()
+    far[0] = torch.tensor([0.9, -0.7, 0.8, 0.6], dtype=torch.float64)
+    center = int(tracker._mosaic[0])
+    scratch, work = kernels._scratch(lists[0].shape[1], z.shape[0])
+    assert not kernels._search_near(0, far.numpy(), 0, center, z, lists, state, scratch, work)
+    query = kernels._tree_scratch(index.tree.arrays, z, incremental.SEARCHED)
+    assert kernels._search_again(0, far.numpy(), center, z, lists, index.tree.arrays, state, scratch, work, query, 0)
+    want = int(assign.nearest(far[:1], motifs)[0])
+    assert state[1][0] == want and state[6][0, 0] == want  # recorded: its nearest motif, first of its candidates
+    assert state[7][0] > 0  # and a bound to move in
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**16), k=st.sampled_from([1, 5, 128, 129, 400]), duplicates=st.booleans())
 def test_neighbour_lists_hold_the_nearest_motifs_and_a_safe_reach(seed: int, k: int, duplicates: bool) -> None:
