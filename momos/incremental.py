@@ -506,8 +506,8 @@ class MosaicTracker:
                                   f"the first block {int(bad[0])} = {blocks[bad[0]].tolist()}; the training diverged?")
 
     def _compiled_step(self, blocks: torch.Tensor, index: MotifIndex) -> torch.Tensor:
-        """The incremental call above as one compiled pass (`momos.kernels`); blocks it could not settle
-        (rare: far from every motif they were near) are searched here."""
+        """The incremental call above as one compiled pass (`momos.kernels`); the blocks it could not prove (ties
+        of more motifs than a search lists, NaN blocks) are left to `_search_lost`."""
         from momos import kernels
 
         tree, searched = _searches(index, _BRUTE_FORCE)

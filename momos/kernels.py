@@ -486,12 +486,12 @@ def step(x, z, lists, tree, state, mosaic, lost, searched, threads):
     """`MosaicTracker.mosaic` on an established state, in one pass over the blocks `x` ``(m, s)``.
 
     Writes each block's nearest motif (over the float64 bank `z`) into `mosaic` and updates the state of
-    the blocks it looked at again. A block that left the bound of its last search is searched again: among
-    its `searched` nearest motifs, found in the bank's KD-tree `tree` (`momos.kdtree.NO_TREE`: none); without
-    a tree, among the neighbours of its nearest candidate and, where that proves nothing and `searched` > 0,
-    among its `searched` nearest motifs found by brute force. A block still unproven is written into `lost`,
-    its mosaic entry left to the caller. Returns (blocks that moved past their slack, blocks searched, blocks
-    lost). The chunks of blocks are shared among `threads` runs, each with its own scratch space.
+    the blocks it looked at again. A block that left the bound of its last search is searched among the
+    neighbours of its nearest candidate and, where that proves nothing, among its `searched` nearest motifs:
+    in the bank's KD-tree `tree` (`momos.kdtree.NO_TREE`: none), else by brute force where `searched` > 0
+    (`_search_again`). A block still unproven is written into `lost`, its mosaic entry left to the caller.
+    Returns (blocks that moved past their slack, blocks searched, blocks lost). The chunks of blocks are
+    shared among `threads` runs, each with its own scratch space.
     """
     chunks = (x.shape[0] + CHUNK - 1) // CHUNK
     rechecked, found, left = np.zeros(chunks, np.int64), np.zeros(chunks, np.int64), np.zeros(chunks, np.int64)
