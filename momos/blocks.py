@@ -47,6 +47,9 @@ def reconstruct(motifs: torch.Tensor, mosaic: torch.Tensor, shape: torch.Size | 
     if not out.is_contiguous():
         return out.copy_(from_blocks(_gather(table, index), shape))
     flat, s = out.view(-1), table.shape[1]
+    if flat.numel() == index.numel() * s:  # no padding
+        _gather(table, index, flat.view(-1, s))
+        return out
     full = flat.numel() // s  # the blocks that lie whole in `out`; the last may be cut by the padding
     _gather(table, index[:full], flat[:full * s].view(full, s))
     if full * s < flat.numel():

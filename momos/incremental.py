@@ -370,6 +370,13 @@ class MosaicTracker:
         self._bound = torch.empty(0, dtype=torch.float64)
         self._lost = torch.empty(0, dtype=torch.int64)  # the compiled pass's list of blocks left to search
         self._arrays: tuple | None = None
+        # The compiled pass's copy of the blocks and its other arguments; the bank tensor of the latest call, its
+        # version and the blocks' dtype then: a call on the same bank skips `motif_index`.
+        self._blocks = torch.empty(0)
+        self._step_args: tuple = ()
+        self._bank: torch.Tensor | None = None
+        self._bank_version = -1
+        self._bank_dtype: torch.dtype | None = None
         self.rechecked = 0  # blocks that moved past their slack in the latest call
         self.searched = 0  # of those, blocks that left their bound and were searched again
 
@@ -395,6 +402,12 @@ class MosaicTracker:
         self._arrays = None if not compiled else (tuple(t.numpy() for t in (
             self._point, self._owner, self._partner, self._slack, self._pair_slack, self._anchor,
             self._candidates, self._bound)), self._mosaic.numpy(), self._lost.numpy())
+        if compiled:
+            # A copy of the blocks, not a view: numpy's view of a tensor makes its storage unresizable, and FSDP
+            # frees the storage of unsharded parameters by resizing it after each backward.
+            self._blocks = torch.empty(blocks.shape, dtype=work)
+            tree, searched = _searches(index, _BRUTE_FORCE)
+            self._step_args = (self._blocks.numpy(), index.motifs.numpy(), index.lazy, tree, *self._arrays, searched)
 
     def _evaluated(self, rows: torch.Tensor | slice, blocks: torch.Tensor, nearest: torch.Tensor,
                    partner: torch.Tensor, radius: torch.Tensor, pair_radius: torch.Tensor) -> None:
@@ -421,7 +434,12 @@ class MosaicTracker:
         """
         blocks = blocks.detach()
         work = torch.promote_types(blocks.dtype, torch.float32)
-        index = motif_index(motifs, blocks.dtype)
+        if self._index is not None and motifs is self._bank and motifs._version == self._bank_version \
+                and blocks.dtype == self._bank_dtype:  # the same bank, unchanged: `motif_index` gives this index
+            index = self._index
+        else:
+            index = motif_index(motifs, blocks.dtype)
+            self._bank, self._bank_version, self._bank_dtype = motifs, motifs._version, blocks.dtype
         if self._index is not index or self._point.shape != blocks.shape or self._point.dtype != work \
                 or self._point.device != blocks.device:
             self._refuse_non_finite(blocks, slice(None))
@@ -449,9 +467,7 @@ class MosaicTracker:
         # No shortcut on the tensor's version counter: writes through `.data` do not bump it, and padded
         # blocks are a fresh copy each call.
         if self._arrays is not None:
-            # A copy: numpy's view of a tensor makes its storage unresizable, and FSDP frees the storage of
-            # unsharded parameters by resizing it after each backward.
-            return self._compiled_step(blocks.to(work, copy=True), index)
+            return self._compiled_step(blocks)
         self._mosaic.copy_(self._owner)
         drift = (blocks.to(work) - self._point).square_().sum(1)
         if torch.isnan(drift).any():  # NaN blocks, which no distance orders
@@ -505,19 +521,19 @@ class MosaicTracker:
             raise MoMosValueError(f"latent weights hold NaN or Inf values: {bad.numel()} of {blocks.shape[0]} blocks, "
                                   f"the first block {int(bad[0])} = {blocks[bad[0]].tolist()}; the training diverged?")
 
-    def _compiled_step(self, blocks: torch.Tensor, index: MotifIndex) -> torch.Tensor:
-        """The incremental call above as one compiled pass (`momos.kernels`); the blocks it could not prove (ties
-        of more motifs than a search lists, NaN blocks) are left to `_search_lost`."""
+    def _compiled_step(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The incremental call above as one compiled pass (`momos.kernels`) over a copy of `blocks`; the blocks
+        it could not prove (ties of more motifs than a search lists, NaN blocks) are left to `_search_lost`."""
         from momos import kernels
 
-        tree, searched = _searches(index, _BRUTE_FORCE)
-        args = (blocks.numpy(), index.motifs.numpy(), index.lazy, tree, *self._arrays, searched)
+        self._blocks.copy_(blocks)
         if blocks.shape[0] > kernels.CHUNK and torch.get_num_threads() > 1:
-            self.rechecked, self.searched, lost = kernels.on_torch_threads(kernels.step, *args,
+            self.rechecked, self.searched, lost = kernels.on_torch_threads(kernels.step, *self._step_args,
                                                                            kernels.torch_threads())
         else:
-            self.rechecked, self.searched, lost = kernels.step_serial(*args)
-        self._search_lost(lost, blocks)
+            self.rechecked, self.searched, lost = kernels.step_serial(*self._step_args)
+        if lost:
+            self._search_lost(lost, self._blocks)
         return self._mosaic
 
     def _search_lost(self, count: int, blocks: torch.Tensor) -> None:

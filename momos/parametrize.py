@@ -90,7 +90,7 @@ class MoMosParametrization(nn.Module):
         their nearest motif since the previous call are searched again (`momos.incremental`); compiled,
         every block is."""
         motifs = self.bank.motifs
-        blocks = to_blocks(latent, self.bank.block_size)
+        blocks = to_blocks(latent, motifs.shape[1])
         if torch.compiler.is_compiling():
             mosaic = nearest_op(blocks, motifs.to(latent.dtype))
         else:
@@ -98,19 +98,19 @@ class MoMosParametrization(nn.Module):
         return reconstruct(motifs.to(latent.dtype), mosaic, self.shape, out=out)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        if self.bank.config.mode == "hard":
+        bank = self.bank
+        if bank.config.mode == "hard":
             return latent
         if torch.compiler.is_compiling():
             # Branch on the refresh count inside the graph: no .item() graph break, no recompile per refresh.
-            return torch.where(self.bank.refreshes > 0, _StraightThrough.apply(latent, self.momos_weight(latent)),
-                               latent)
-        if not self.bank.refreshed:
+            return torch.where(bank.refreshes > 0, _StraightThrough.apply(latent, self.momos_weight(latent)), latent)
+        if not bank.refreshed:
             return latent
         # The MoMos weight written into a clone of the latent: the clone's backward passes the gradient
-        # straight through, in C++ (a Python autograd Function costs ~20 us a tensor and step).
+        # straight through, in C++ (a Python autograd Function costs ~20 us a tensor and step). It is written
+        # through a detached alias, which autograd does not see (the clone's backward saves nothing).
         weight = latent.clone(memory_format=torch.contiguous_format)
-        with torch.no_grad():
-            self.momos_weight(latent, out=weight)
+        self.momos_weight(latent, out=weight.detach())
         return weight
 
     def extra_repr(self) -> str:
