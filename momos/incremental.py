@@ -31,7 +31,7 @@ motifs)``, which decides the rare blocks where more than `SEARCHED` motifs tie.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -87,6 +87,17 @@ class MotifIndex:
     # (k, L) int32 lists, (k, L) float32 distances to the listing motif, (k,) float64 reaches and (k,) bool
     # built flags, as numpy arrays (1 KB a motif at L = 128); None off the CPU.
     lazy: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    # The compiled KD-tree searches' marks (`marks`), grown on demand.
+    _marks: list[np.ndarray] = field(default_factory=list, repr=False, compare=False)
+
+    def marks(self, runs: int) -> tuple[np.ndarray, np.ndarray]:
+        """For each of `runs` threads of the compiled loops, the query that last kept each motif in its KD-tree
+        search ``(runs, k)`` and its count of queries ``(runs,)``: kept with the bank, so that no call clears
+        O(k) memory (empty rows where there is no tree)."""
+        if not self._marks or self._marks[0].shape[0] < runs:
+            k = self.motifs.shape[0] if self.tree is not None else 0
+            self._marks[:] = [np.full((runs, k), -1, dtype=np.int64), np.zeros(runs, dtype=np.int64)]
+        return self._marks[0], self._marks[1]
 
     def enlist(self, centers: torch.Tensor) -> None:
         """Build the compiled loops' lists of the motifs `centers` (any indices) in one query of the KD-tree,
@@ -407,7 +418,8 @@ class MosaicTracker:
             # frees the storage of unsharded parameters by resizing it after each backward.
             self._blocks = torch.empty(blocks.shape, dtype=work)
             tree, searched = _searches(index, _BRUTE_FORCE)
-            self._step_args = (self._blocks.numpy(), index.motifs.numpy(), index.lazy, tree, *self._arrays, searched)
+            self._step_args = (self._blocks.numpy(), index.motifs.numpy(), index.lazy, tree, index.marks(1),
+                               *self._arrays, searched)
 
     def _evaluated(self, rows: torch.Tensor | slice, blocks: torch.Tensor, nearest: torch.Tensor,
                    partner: torch.Tensor, radius: torch.Tensor, pair_radius: torch.Tensor) -> None:
@@ -455,9 +467,10 @@ class MosaicTracker:
                 self._owner.copy_(guess)  # where a block's neighbour search proves nothing, its search starts
                 index.enlist(guess)
                 tree, searched = _searches(index, 0)
+                threads = kernels.torch_threads()
                 ties = kernels.on_torch_threads(kernels.start, blocks.to(work, copy=True).numpy(), index.motifs.numpy(),
-                                               guess.clone().numpy(), index.lazy, tree, *self._arrays, searched,
-                                               kernels.torch_threads())
+                                               guess.clone().numpy(), index.lazy, tree, index.marks(threads),
+                                               *self._arrays, searched, threads)
                 self._search_lost(ties, blocks)
             else:
                 self._search(slice(None), blocks, guess)
@@ -528,8 +541,10 @@ class MosaicTracker:
 
         self._blocks.copy_(blocks)
         if blocks.shape[0] > kernels.CHUNK and torch.get_num_threads() > 1:
-            self.rechecked, self.searched, lost = kernels.on_torch_threads(kernels.step, *self._step_args,
-                                                                           kernels.torch_threads())
+            threads = kernels.torch_threads()
+            args = list(self._step_args)
+            args[4] = self._index.marks(threads)
+            self.rechecked, self.searched, lost = kernels.on_torch_threads(kernels.step, *args, threads)
         else:
             self.rechecked, self.searched, lost = kernels.step_serial(*self._step_args)
         if lost:

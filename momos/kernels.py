@@ -342,12 +342,11 @@ def _search_tree(i, x, z, tree, state, scratch, query, seeds, seed_d):
 
 
 @_jit
-def _tree_scratch(tree, z, count):
-    """`_search_tree`'s scratch space for queries of `count` motifs: the heap, each motif's last query, the
-    query count and `momos.kdtree._work`; nothing for a bank without a tree (`count` 0)."""
-    k = z.shape[0] if count > 0 else 0
-    return np.empty(count), np.empty(count, np.int64), np.full(k, -1, np.int64), np.zeros(1, np.int64), \
-        _work(tree, z.shape[1])
+def _tree_scratch(tree, z, count, marks, run):
+    """`_search_tree`'s scratch space for queries of `count` motifs on thread run `run`: the heap, that run's
+    row of `marks` (each motif's last query, and the count of queries: kept with the bank,
+    `MotifIndex.marks`, so that no call clears O(k) memory) and `momos.kdtree._work`."""
+    return np.empty(count), np.empty(count, np.int64), marks[0][run], marks[1][run:run + 1], _work(tree, z.shape[1])
 
 
 @_jit
@@ -371,13 +370,13 @@ def _scratch(width, k):
 
 
 @_jit
-def _start_run(x, z, guess, lists, tree, state, mosaic, ties, searched, run, runs, left):
+def _start_run(x, z, guess, lists, tree, marks, state, mosaic, ties, searched, run, runs, left):
     """`start` on chunks ``run, run + runs, ...`` of the blocks, with one allocation of scratch space: the
     blocks whose guess's list is built; the others into their chunk of `ties`."""
     m = x.shape[0]
     built = lists[3]
     scratch, work = _scratch(max(state[6].shape[1], lists[0].shape[1], searched), 0)  # no brute force here
-    query = _tree_scratch(tree, z, searched if tree[0].shape[0] > 0 else 0)
+    query = _tree_scratch(tree, z, searched if tree[0].shape[0] > 0 else 0, marks, run)
     for chunk in range(run, left.shape[0], runs):
         lo, hi = chunk * CHUNK, min(chunk * CHUNK + CHUNK, m)
         for i in range(lo, hi):
@@ -393,7 +392,7 @@ def _start_run(x, z, guess, lists, tree, state, mosaic, ties, searched, run, run
 
 
 @_parallel
-def start(x, z, guess, lists, tree, state, mosaic, ties, searched, threads):
+def start(x, z, guess, lists, tree, marks, state, mosaic, ties, searched, threads):
     """Search every block of `x` ``(m, s)`` among the neighbours of its `guess` motif and, where that proves
     nothing, among its `searched` nearest motifs in the bank's KD-tree `tree` (`momos.kdtree.NO_TREE`: none);
     record it. Writes into `ties` the blocks that does not prove and returns how many. The chunks of blocks
@@ -402,8 +401,8 @@ def start(x, z, guess, lists, tree, state, mosaic, ties, searched, threads):
     left = np.zeros(chunks, dtype=np.int64)
     runs = min(threads, chunks)
     for run in numba.prange(runs):
-        _start_run(x, z, guess, lists, tree, state, mosaic, ties, searched, run, runs, left)
-    return _search_left(x, z, lists, tree, state, mosaic, ties, searched, left)
+        _start_run(x, z, guess, lists, tree, marks, state, mosaic, ties, searched, run, runs, left)
+    return _search_left(x, z, lists, tree, marks, state, mosaic, ties, searched, left)
 
 
 @_jit
@@ -470,11 +469,11 @@ def _step_blocks(x, z, lists, tree, state, mosaic, lost, searched, lo, hi, scrat
 
 
 @_jit
-def _step_run(x, z, lists, tree, state, mosaic, lost, searched, run, runs, rechecked, found, left):
+def _step_run(x, z, lists, tree, marks, state, mosaic, lost, searched, run, runs, rechecked, found, left):
     """`_step_blocks` on chunks ``run, run + runs, ...`` of the blocks, with one allocation of scratch space."""
     m = x.shape[0]
     scratch, work = _scratch(max(state[6].shape[1], lists[0].shape[1], searched), z.shape[0])
-    query = _tree_scratch(tree, z, searched if tree[0].shape[0] > 0 else 0)
+    query = _tree_scratch(tree, z, searched if tree[0].shape[0] > 0 else 0, marks, run)
     for chunk in range(run, rechecked.shape[0], runs):
         lo, hi = chunk * CHUNK, min(chunk * CHUNK + CHUNK, m)
         rechecked[chunk], found[chunk], left[chunk] = _step_blocks(x, z, lists, tree, state, mosaic, lost, searched,
@@ -482,7 +481,7 @@ def _step_run(x, z, lists, tree, state, mosaic, lost, searched, run, runs, reche
 
 
 @_parallel
-def step(x, z, lists, tree, state, mosaic, lost, searched, threads):
+def step(x, z, lists, tree, marks, state, mosaic, lost, searched, threads):
     """`MosaicTracker.mosaic` on an established state, in one pass over the blocks `x` ``(m, s)``.
 
     Writes each block's nearest motif (over the float64 bank `z`) into `mosaic` and updates the state of
@@ -497,29 +496,31 @@ def step(x, z, lists, tree, state, mosaic, lost, searched, threads):
     rechecked, found, left = np.zeros(chunks, np.int64), np.zeros(chunks, np.int64), np.zeros(chunks, np.int64)
     runs = min(threads, chunks)
     for run in numba.prange(runs):
-        _step_run(x, z, lists, tree, state, mosaic, lost, searched, run, runs, rechecked, found, left)
-    return rechecked.sum(), found.sum(), _search_left(x, z, lists, tree, state, mosaic, lost, searched, left)
+        _step_run(x, z, lists, tree, marks, state, mosaic, lost, searched, run, runs, rechecked, found, left)
+    return rechecked.sum(), found.sum(), _search_left(x, z, lists, tree, marks, state, mosaic, lost, searched, left)
 
 
 @_jit
-def step_serial(x, z, lists, tree, state, mosaic, lost, searched):
+def step_serial(x, z, lists, tree, marks, state, mosaic, lost, searched):
     """`step` on the calling thread: entering numba's parallel region costs more than the work of a small
     tensor, or of any tensor on one thread."""
     chunks = (x.shape[0] + CHUNK - 1) // CHUNK
     rechecked, found, left = np.zeros(chunks, np.int64), np.zeros(chunks, np.int64), np.zeros(chunks, np.int64)
-    _step_run(x, z, lists, tree, state, mosaic, lost, searched, 0, 1, rechecked, found, left)
-    return rechecked.sum(), found.sum(), _search_left(x, z, lists, tree, state, mosaic, lost, searched, left)
+    _step_run(x, z, lists, tree, marks, state, mosaic, lost, searched, 0, 1, rechecked, found, left)
+    return rechecked.sum(), found.sum(), _search_left(x, z, lists, tree, marks, state, mosaic, lost, searched, left)
 
 
 @_jit
-def _search_left(x, z, lists, tree, state, mosaic, lost, searched, left):
-    """The end of a `start` or `step`, on one thread: build the lists missing and search the blocks that
-    waited for them (``left[c]`` of them at the start of chunk c of `lost`, each from its `mosaic` entry;
-    those searched in vain already as ``-1 - i``), as `_search_again` does. Writes the blocks still unproven
-    at the start of `lost`; returns how many."""
+def _search_left(x, z, lists, tree, marks, state, mosaic, lost, searched, left):
+    """The end of a `start` or `step`, on one thread (run 0 of `marks`): build the lists missing and search the
+    blocks that waited for them (``left[c]`` of them at the start of chunk c of `lost`, each from its `mosaic`
+    entry; those searched in vain already as ``-1 - i``), as `_search_again` does. Writes the blocks still
+    unproven at the start of `lost`; returns how many."""
+    if left.sum() == 0:  # the usual step: no scratch space of O(k) to allocate
+        return 0
     owner = state[1]
     scratch, work = _scratch(max(state[6].shape[1], lists[0].shape[1], searched), z.shape[0])
-    query = _tree_scratch(tree, z, searched if tree[0].shape[0] > 0 else 0)
+    query = _tree_scratch(tree, z, searched if tree[0].shape[0] > 0 else 0, marks, 0)
     num_lost = 0
     for chunk in range(left.shape[0]):
         for t in range(left[chunk]):

@@ -81,7 +81,7 @@ def test_a_search_its_list_cannot_prove_is_proven_in_the_kd_tree() -> None:
     center = int(tracker._mosaic[0])
     scratch, work = kernels._scratch(lists[0].shape[1], z.shape[0])
     assert not kernels._search_near(0, far.numpy(), 0, center, z, lists, state, scratch, work)
-    query = kernels._tree_scratch(index.tree.arrays, z, incremental.SEARCHED)
+    query = kernels._tree_scratch(index.tree.arrays, z, incremental.SEARCHED, index.marks(1), 0)
     assert kernels._search_again(0, far.numpy(), center, z, lists, index.tree.arrays, state, scratch, work, query, 0)
     want = int(assign.nearest(far[:1], motifs)[0])
     assert state[1][0] == want and state[6][0, 0] == want  # recorded: its nearest motif, first of its candidates
