@@ -200,7 +200,7 @@ def _exact_distances(x: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
 class _Cell:
     """Where a block lies among its candidate motifs: the nearest (``assign``'s answer among them), its
     distance and the runner-up's, and the distance to each candidate's Voronoi facet with the nearest
-    (inf for the nearest itself, 0 for a motif too close to it to separate from rounding: a tie)."""
+    (inf for the nearest itself and its copies, 0 for a motif too close to it to separate from rounding: a tie)."""
 
     nearest: torch.Tensor  # (c,) int64
     d1: torch.Tensor  # (c,) float64
@@ -220,7 +220,10 @@ class _Cell:
         spacing = (candidates - z[nearest].unsqueeze(1)).square_().sum(2).sqrt()  # |z_j - z_1|
         separable = spacing > _TIE_SPACING * (d1.unsqueeze(1) + d_j)
         facet = torch.where(separable, (others - d1_sq.unsqueeze(1)) / (2 * spacing), 0.0)
-        return cls(nearest, d1, d_j.min(1).values, facet.masked_fill_(own, math.inf))
+        # A copy of the nearest (equal in every coordinate) is at the same D from every block and has a higher
+        # index: never nearest, no facet.
+        copy = (candidates == z[nearest].unsqueeze(1)).all(2)
+        return cls(nearest, d1, d_j.min(1).values, facet.masked_fill_(own | copy, math.inf))
 
     def margin(self) -> torch.Tensor:
         return MARGIN * (self.d1 + self.d2)
@@ -253,12 +256,16 @@ def _settle(x: torch.Tensor, lists: torch.Tensor, rest: torch.Tensor,
     off_list = (rest - cell.d1) / 2  # (d_j - d_1) / 2 for every motif j off the list
     margin = cell.margin()
     width = min(FACETS + 1, lists.shape[1] - 1)  # the nearest's own entry (inf) is never among them
-    nearest_facets, order = cell.facet.topk(width, dim=1, largest=False)
+    # Equal facets (copies of one motif) ranked by position, as the compiled loops rank them.
+    nearest_facets, order = (t[:, :width] for t in cell.facet.sort(dim=1, stable=True))
     beyond = torch.full_like(off_list, math.inf)
     radius = torch.minimum(nearest_facets[:, 0], off_list) - margin
     pair_radius = torch.minimum(nearest_facets[:, 1] if width > 1 else beyond, off_list) - margin
     bound = torch.minimum(nearest_facets[:, FACETS] if width > FACETS else beyond, off_list) - margin
-    found = Search(cell.nearest, radius, _pad_listed(lists.gather(1, order[:, :FACETS])), bound, pair_radius)
+    # No facet (every other listed motif a copy of the nearest): the first facet's motif, or else the nearest.
+    listed, finite = lists.gather(1, order[:, :FACETS]), torch.isfinite(nearest_facets[:, :FACETS])
+    listed = torch.where(finite, listed, torch.where(finite[:, :1], listed[:, :1], cell.nearest.unsqueeze(1)))
+    found = Search(cell.nearest, radius, _pad_listed(listed), bound, pair_radius)
     return found, cell.d1 * (1 + MARGIN) < rest, cell.d2 * (1 + MARGIN) < rest
 
 

@@ -101,6 +101,15 @@ def _smallest(values, n, wanted, order, minima):
     return kept
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _same(z, a, b):
+    """Whether motifs `a` and `b` are equal in every coordinate (copies of one motif)."""
+    for c in range(z.shape[1]):
+        if z[a, c] != z[b, c]:
+            return False
+    return True
+
+
 @_jit
 def _settle_row(x, i, lists, z, listed, row, d, facet, order, gap, spacing, center):
     """Row `i` of `x` among the motifs `lists` (1-D), as `momos.incremental._Cell` and `_settle` see it:
@@ -131,12 +140,14 @@ def _settle_row(x, i, lists, z, listed, row, d, facet, order, gap, spacing, cent
             gap[j] = math.sqrt(_distance(z, lists[j], z, best))
     for j in range(width):
         facet[j] = (d[j] - d1_sq) / (2 * gap[j])
-    # A motif too close to the nearest to separate from rounding is a tie, its facet at 0 (and the nearest's
-    # own entries are no facet). Only a gap below tie * (2 d1 + gap), a bound on tie * (d1 + d_j), can be one.
+    # A motif too close to the nearest to separate from rounding is a tie, its facet at 0. The nearest's own
+    # entries and its copies are no facet: a copy is at the same D from every block and has a higher index (else
+    # it would be the nearest), so it is never nearest. Only a gap below tie * (2 d1 + gap), a bound on
+    # tie * (d1 + d_j), can be a tie or a copy.
     close = 2 * _TIE_SPACING * d1 / (1 - _TIE_SPACING)
     for j in range(width):
         if gap[j] <= close:
-            if lists[j] == best:
+            if lists[j] == best or _same(z, lists[j], best):
                 facet[j] = math.inf
             elif not gap[j] > _TIE_SPACING * (d1 + math.sqrt(d[j])):
                 facet[j] = 0.0

@@ -28,10 +28,12 @@ def _torch_settle(x: torch.Tensor, lists: torch.Tensor, rest: torch.Tensor,
 
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**16), k=st.sampled_from([2, 3, 12, 40, 200]), s=st.sampled_from([1, 2, 4, 8]),
-       width=st.sampled_from([2, 5, FACETS + 2, 24, 64, 128]))  # 44 and more: the selection's prefilter
-def test_settle_equals_the_torch_settle(seed: int, k: int, s: int, width: int) -> None:
+       width=st.sampled_from([2, 5, FACETS + 2, 24, 64, 128]), copies=st.booleans())  # 44+: the prefilter
+def test_settle_equals_the_torch_settle(seed: int, k: int, s: int, width: int, copies: bool) -> None:
     g = torch.Generator().manual_seed(seed)
     motifs = torch.randn(k, s, generator=g, dtype=torch.float64)
+    if copies:  # copies of one motif, which are never nearest: no facet
+        motifs[k // 2:] = motifs[0]
     x = torch.randn(100, s, generator=g, dtype=torch.float64)
     width = min(width, k)
     lists = torch.stack([torch.randperm(k, generator=g)[:width] for _ in range(100)])  # distinct per row

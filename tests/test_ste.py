@@ -157,6 +157,23 @@ def test_tracker_reassigns_only_moved_blocks_and_restarts_on_a_new_bank(compiled
 
 
 @ENGINES
+@pytest.mark.parametrize("k", [40, 300])  # neighbour lists / KD-tree
+def test_copies_of_the_nearest_motif_cost_no_recheck(compiled: bool, k: int) -> None:
+    """A copy of a block's nearest motif (a bank drawn from blocks that repeat, as norm layers' ones and zeros
+    do) is never nearest: it takes nothing from the slack, so blocks that did not move are not looked at again."""
+    g = torch.Generator().manual_seed(0)
+    motifs = torch.randn(k, 4, generator=g)
+    motifs[5:9] = motifs[4]
+    blocks = motifs[4] + 0.05 * torch.randn(200, 4, generator=g)
+    with engine(compiled):
+        tracker = MosaicTracker()
+        for _ in range(2):
+            assert torch.equal(tracker.mosaic(blocks, motifs, torch.zeros(200, dtype=torch.int64)),
+                               assign.nearest(blocks, motifs))
+    assert tracker.rechecked == 0
+
+
+@ENGINES
 @pytest.mark.parametrize(("block_size", "capacity", "width"), [(2, 0.2, 64), (4, 0.25, 256)])  # lists; KD-tree
 def test_ste_training_forward_is_the_full_assignment_at_every_step(compiled: bool, block_size: int,
                                                                    capacity: float, width: int) -> None:
