@@ -80,17 +80,21 @@ def test_tracker_resolves_ties_of_more_motifs_than_a_search_lists(compiled: bool
 
 @ENGINES
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**16), k=st.sampled_from([2, 5, 3 * NEIGHBORS, 300]))
-def test_slack_is_a_safe_radius(compiled: bool, seed: int, k: int) -> None:
-    """Any move shorter than the slack keeps the nearest motif (checked on the slack's own boundary)."""
+@given(seed=st.integers(0, 2**16), k=st.sampled_from([2, 5, 3 * NEIGHBORS, 300]), copies=st.booleans())
+def test_slack_is_a_safe_radius(compiled: bool, seed: int, k: int, copies: bool) -> None:
+    """Any move shorter than the slack keeps the nearest motif (checked on the slack's own boundary), copies of
+    the nearest motif in the bank included."""
     g = torch.Generator().manual_seed(seed)
     motifs = torch.randn(k, 3, generator=g, dtype=torch.float64)
+    if copies:
+        motifs[1:4] = motifs[0]
     blocks = torch.randn(200, 3, generator=g, dtype=torch.float64)
     with engine(compiled):
         found = search(blocks, torch.zeros(200, dtype=torch.int64), motif_index(motifs, torch.float64))
     nearest, radius = found.nearest, found.radius
     assert torch.equal(nearest, assign.nearest(blocks, motifs))
     safe = radius > 0
+    radius = torch.where(torch.isfinite(radius), radius, 10.0)  # every other motif a copy: any move
     direction = torch.nn.functional.normalize(torch.randn(200, 3, generator=g, dtype=torch.float64), dim=1)
     moved = blocks + direction * radius.clamp_min(0).unsqueeze(1) * 0.999
     assert torch.equal(assign.nearest(moved[safe], motifs), nearest[safe])
