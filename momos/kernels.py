@@ -104,10 +104,10 @@ def _smallest(values, n, wanted, order, minima):
 @numba.njit(cache=True, nogil=True, inline="always")
 def _same(z, a, b):
     """Whether motifs `a` and `b` are equal in every coordinate (copies of one motif)."""
+    same = True
     for c in range(z.shape[1]):
-        if z[a, c] != z[b, c]:
-            return False
-    return True
+        same &= z[a, c] == z[b, c]
+    return same
 
 
 @_jit

@@ -41,6 +41,16 @@ def _bank(seed: int, k: int, s: int, duplicates: bool) -> torch.Tensor:
     return motifs
 
 
+def _around_copies(k: int, copies: int, count: int,
+                   spread: float) -> tuple[torch.Generator, torch.Tensor, torch.Tensor]:
+    """(the generator, a bank of `k` motifs of 4 in which motif 2 is followed by `copies` copies of it, `count`
+    blocks within about `spread` of it)."""
+    g = torch.Generator().manual_seed(0)
+    motifs = torch.randn(k, 4, generator=g)
+    motifs[3:3 + copies] = motifs[2]
+    return g, motifs, motifs[2] + spread * torch.randn(count, 4, generator=g)
+
+
 @ENGINES
 @settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**16), k=st.sampled_from([1, 2, 7, NEIGHBORS, 3 * NEIGHBORS, 300]),
@@ -66,10 +76,7 @@ def test_tracker_equals_full_assignment_along_a_random_walk(compiled: bool, seed
 def test_tracker_resolves_ties_of_more_motifs_than_a_search_lists(compiled: bool, k: int) -> None:
     """Blocks equidistant from more than `SEARCHED` motifs (copies of one motif) go to the lowest index,
     as in `assign`, whichever way they are searched."""
-    g = torch.Generator().manual_seed(0)
-    motifs = torch.randn(k, 4, generator=g)
-    motifs[3:3 + SEARCHED + 5] = motifs[2]
-    blocks = motifs[2] + 0.01 * torch.randn(500, 4, generator=g)
+    g, motifs, blocks = _around_copies(k, SEARCHED + 5, 500, 0.01)
     with engine(compiled):
         tracker = MosaicTracker()
         for _ in range(4):
@@ -165,10 +172,7 @@ def test_tracker_reassigns_only_moved_blocks_and_restarts_on_a_new_bank(compiled
 def test_copies_of_the_nearest_motif_cost_no_recheck(compiled: bool, k: int) -> None:
     """A copy of a block's nearest motif (a bank drawn from blocks that repeat, as norm layers' ones and zeros
     do) is never nearest: it takes nothing from the slack, so blocks that did not move are not looked at again."""
-    g = torch.Generator().manual_seed(0)
-    motifs = torch.randn(k, 4, generator=g)
-    motifs[5:9] = motifs[4]
-    blocks = motifs[4] + 0.05 * torch.randn(200, 4, generator=g)
+    _, motifs, blocks = _around_copies(k, 4, 200, 0.05)
     with engine(compiled):
         tracker = MosaicTracker()
         for _ in range(2):
