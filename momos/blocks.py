@@ -47,13 +47,12 @@ def reconstruct(motifs: torch.Tensor, mosaic: torch.Tensor, shape: torch.Size | 
     if not out.is_contiguous():
         return out.copy_(from_blocks(_gather(table, index), shape))
     flat, s = out.view(-1), table.shape[1]
-    if flat.numel() == index.numel() * s:  # no padding
-        _gather(table, index, flat.view(-1, s))
-        return out
     full = flat.numel() // s  # the blocks that lie whole in `out`; the last may be cut by the padding
+    if full * s == flat.numel():  # no padding: no slicing either (a tensor's STE forward, every step)
+        _gather(table, index, flat.view(full, s))
+        return out
     _gather(table, index[:full], flat[:full * s].view(full, s))
-    if full * s < flat.numel():
-        flat[full * s:] = table[index[full], :flat.numel() - full * s]
+    flat[full * s:] = table[index[full], :flat.numel() - full * s]
     return out
 
 

@@ -220,10 +220,10 @@ class _Cell:
         spacing = (candidates - z[nearest].unsqueeze(1)).square_().sum(2).sqrt()  # |z_j - z_1|
         separable = spacing > _TIE_SPACING * (d1.unsqueeze(1) + d_j)
         facet = torch.where(separable, (others - d1_sq.unsqueeze(1)) / (2 * spacing), 0.0)
-        # A copy of the nearest (equal in every coordinate) is at the same D from every block and has a higher
-        # index: never nearest, no facet.
-        copy = (candidates == z[nearest].unsqueeze(1)).all(2)
-        return cls(nearest, d1, d_j.min(1).values, facet.masked_fill_(own | copy, math.inf))
+        # The nearest's own entries, and its copies (equal in every coordinate: at the same D from every block,
+        # with a higher index, so never nearest), are no facet.
+        copies = (candidates == z[nearest].unsqueeze(1)).all(2)
+        return cls(nearest, d1, d_j.min(1).values, facet.masked_fill_(copies, math.inf))
 
     def margin(self) -> torch.Tensor:
         return MARGIN * (self.d1 + self.d2)
@@ -425,8 +425,9 @@ class MosaicTracker:
             # frees the storage of unsharded parameters by resizing it after each backward.
             self._blocks = torch.empty(blocks.shape, dtype=work)
             tree, searched = _searches(index, _BRUTE_FORCE)
-            self._step_args = (self._blocks.numpy(), index.motifs.numpy(), index.lazy, tree, index.marks(1),
-                               *self._arrays, searched)
+            # `kernels.step`'s arguments before and after the marks, which depend on the thread count.
+            self._step_args = ((self._blocks.numpy(), index.motifs.numpy(), index.lazy, tree),
+                               (*self._arrays, searched))
 
     def _evaluated(self, rows: torch.Tensor | slice, blocks: torch.Tensor, nearest: torch.Tensor,
                    partner: torch.Tensor, radius: torch.Tensor, pair_radius: torch.Tensor) -> None:
@@ -547,13 +548,13 @@ class MosaicTracker:
         from momos import kernels
 
         self._blocks.copy_(blocks)
+        head, tail = self._step_args
         if blocks.shape[0] > kernels.CHUNK and torch.get_num_threads() > 1:
             threads = kernels.torch_threads()
-            args = list(self._step_args)
-            args[4] = self._index.marks(threads)
-            self.rechecked, self.searched, lost = kernels.on_torch_threads(kernels.step, *args, threads)
+            self.rechecked, self.searched, lost = kernels.on_torch_threads(
+                kernels.step, *head, self._index.marks(threads), *tail, threads)
         else:
-            self.rechecked, self.searched, lost = kernels.step_serial(*self._step_args)
+            self.rechecked, self.searched, lost = kernels.step_serial(*head, self._index.marks(1), *tail)
         if lost:
             self._search_lost(lost, self._blocks)
         return self._mosaic

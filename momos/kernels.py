@@ -147,7 +147,7 @@ def _settle_row(x, i, lists, z, listed, row, d, facet, order, gap, spacing, cent
     close = 2 * _TIE_SPACING * d1 / (1 - _TIE_SPACING)
     for j in range(width):
         if gap[j] <= close:
-            if lists[j] == best or _same(z, lists[j], best):
+            if _same(z, lists[j], best):  # the nearest itself or a copy
                 facet[j] = math.inf
             elif not gap[j] > _TIE_SPACING * (d1 + math.sqrt(d[j])):
                 facet[j] = 0.0
