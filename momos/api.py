@@ -63,21 +63,23 @@ def prepare(model: nn.Module, config: MoMosConfig, *, include: Iterable[Any] | N
                                   "that the selectors admit")
 
     owners = {full: (module, full.rsplit(".", 1)[-1]) for full, _, module in candidates}
+    weights = {n: owners[n][0]._parameters[owners[n][1]] for n in chosen}
     global_names = [n for n, c in chosen.items() if c.scope == "global"]
     _check_global_agreement(global_names, chosen)
+    # The MoMos buffers live on the device of the tensors they serve (a global bank: of the first one).
     banks: dict[str, MotifBank] = {}
     if global_names:
-        total = sum(num_blocks(owners[n][0]._parameters[owners[n][1]].numel(), chosen[n].block_size)
-                    for n in global_names)
-        banks[GLOBAL_BANK] = MotifBank(GLOBAL_BANK, chosen[global_names[0]], total)
+        total = sum(num_blocks(weights[n].numel(), chosen[n].block_size) for n in global_names)
+        first = global_names[0]
+        banks[GLOBAL_BANK] = MotifBank(GLOBAL_BANK, chosen[first], total, weights[first].device)
     for name, cfg in chosen.items():
         module, tensor_name = owners[name]
-        weight = module._parameters[tensor_name]
+        weight = weights[name]
         if cfg.scope == "global":
             bank = banks[GLOBAL_BANK]
         else:
-            bank = MotifBank(name, cfg, num_blocks(weight.numel(), cfg.block_size))
-        register(module, tensor_name, MoMosParametrization(bank, weight.shape))
+            bank = MotifBank(name, cfg, num_blocks(weight.numel(), cfg.block_size), weight.device)
+        register(module, tensor_name, MoMosParametrization(bank, weight.shape, weight.device))
     return model
 
 

@@ -54,10 +54,10 @@ def gather_blocks(tensors: Sequence[torch.Tensor], block_size: int, rows: torch.
             flat = tensor.detach().reshape(-1)
             full = flat.numel() // block_size
             whole = local < full
-            out[picked[whole]] = flat[:full * block_size].view(full, block_size)[local[whole]].to(out.dtype)
+            out[picked[whole]] = flat[:full * block_size].view(full, block_size)[local[whole]].to(out.device, out.dtype)
             tail = picked[~whole]  # the zero-padded last block
             if tail.numel():
-                out[tail, :flat.numel() - full * block_size] = flat[full * block_size:].to(out.dtype)
+                out[tail, :flat.numel() - full * block_size] = flat[full * block_size:].to(out.device, out.dtype)
     return out
 
 
@@ -93,6 +93,7 @@ def kmeans_motifs(tensors: Sequence[torch.Tensor], block_size: int, motifs: torc
         counts = torch.zeros(motifs.shape[0], dtype=torch.float64)
         sums = torch.zeros(motifs.shape, dtype=torch.float64)
         for blocks in block_chunks(tensors, block_size):
+            blocks = blocks.cpu()  # the iterations run on the CPU, as the search does, whatever the tensors' device
             labels = search.nearest(blocks)
             counts += torch.bincount(labels, minlength=motifs.shape[0])
             sums.index_add_(0, labels, blocks.to(torch.float64))

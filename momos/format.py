@@ -472,7 +472,7 @@ def _open(path: str | os.PathLike) -> Iterator[tuple[FileInfo, Callable[[str], t
 
 
 def _raw_bytes(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _crc(tensor: torch.Tensor) -> int:
@@ -505,13 +505,13 @@ def save(model: nn.Module, path: str | os.PathLike, *, coding: str = "auto") -> 
     for name, p in packed:
         table = p.table
         if id(table) not in banks:
-            motifs = table.motifs.detach().contiguous().clone()
+            motifs = table.motifs.detach().cpu().contiguous().clone()  # a file's tensors are CPU tensors
             index = len(banks)
             entries[f"motifs/{index}"] = motifs
             banks[id(table)] = BankInfo(index, table.name, table.config, table.num_motifs, table.block_size,
                                         table.config.motif_dtype, _crc(motifs))
         bank = banks[id(table)]
-        indices = p.mosaic.detach().to(torch.int64).numpy()
+        indices = p.mosaic.detach().cpu().to(torch.int64).numpy()
         if indices.size and int(indices.max()) >= bank.num_motifs:
             raise MoMosStateError(f"tensor {name!r}: mosaic index {int(indices.max())} >= k={bank.num_motifs}")
         bits = index_bits(bank.num_motifs)
@@ -531,7 +531,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, coding: str = "auto") -> 
         if not isinstance(value, torch.Tensor) or str(value.dtype).removeprefix("torch.") not in _DTYPES:
             raise MoMosStateError(f"state_dict entry {key!r} ({type(value).__name__} "
                                   f"{getattr(value, 'dtype', '')}) cannot be stored in a .momos file")
-        value = value.detach().contiguous().clone()
+        value = value.detach().cpu().contiguous().clone()
         entries[f"dense/{key}"] = value
         dense.append(DenseInfo(key, tuple(value.shape), str(value.dtype).removeprefix("torch."), _crc(value)))
     info = FileInfo(os.fspath(path), 0, FORMAT_VERSION, list(banks.values()), tensors, dense)
@@ -605,7 +605,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         model.load_state_dict(dense, strict=False)
     for t, p in packed:
         module_name, _, attr = t.name.rpartition(".")
-        attach(model.get_submodule(module_name), attr, p)
+        module = model.get_submodule(module_name)
+        attach(module, attr, p.to(module._parameters[attr].device))  # where the model keeps the tensor it replaces
     return model
 
 

@@ -30,14 +30,15 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 class MotifBank(nn.Module):
     """The ``(k, s)`` motif table of one bank, in the config's motif dtype, and its refresh counter."""
 
-    def __init__(self, name: str, config: MoMosConfig, num_blocks: int) -> None:
+    def __init__(self, name: str, config: MoMosConfig, num_blocks: int, device: torch.device | None = None) -> None:
         super().__init__()
         self.name = name
         self.config = config
         self.num_blocks = num_blocks
         k = config.num_motifs_for(num_blocks)
-        self.register_buffer("motifs", torch.zeros(k, config.block_size, dtype=TORCH_DTYPES[config.motif_dtype]))
-        self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("motifs", torch.zeros(k, config.block_size, dtype=TORCH_DTYPES[config.motif_dtype],
+                                                   device=device))
+        self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64, device=device))
 
     @property
     def num_motifs(self) -> int:
@@ -71,13 +72,14 @@ class MoMosParametrization(nn.Module):
     first refresh there is no bank yet and both modes are the identity.
     """
 
-    def __init__(self, bank: MotifBank, shape: torch.Size) -> None:
+    def __init__(self, bank: MotifBank, shape: torch.Size, device: torch.device | None = None) -> None:
         super().__init__()
         self.bank = bank
         self.shape = tuple(shape)
         self.numel = math.prod(self.shape)
-        self.register_buffer("mosaic", torch.zeros(num_blocks(self.numel, bank.block_size), dtype=torch.int64))
-        self.register_buffer("distortion", torch.full((), math.nan, dtype=torch.float64))
+        self.register_buffer("mosaic", torch.zeros(num_blocks(self.numel, bank.block_size), dtype=torch.int64,
+                                                   device=device))
+        self.register_buffer("distortion", torch.full((), math.nan, dtype=torch.float64, device=device))
         self.tracker = MosaicTracker()  # STE: follows the latent blocks' nearest motifs between calls
 
     @property
@@ -282,10 +284,10 @@ def refresh_bank(bank: MotifBank, members: list[Member]) -> tuple[BankStats, lis
         chunk = max(1, _REFRESH_CHUNK // s) * s  # whole blocks, so only a tensor's last chunk is padded
         for (name, module, tensor_name), weight, original in zip(members, weights, originals, strict=True):
             param = momos_of(module, tensor_name)
-            table = motifs.to(weight.dtype)
+            table = motifs.to(weight.device, weight.dtype)  # searches run on the CPU, the rest on the weight's device
             flat = weight.view(-1) if weight.is_contiguous() else weight.flatten()  # a copy if not contiguous
             distortion, changed = 0.0, 0
-            counts = torch.zeros(bank.num_motifs, dtype=torch.int64)
+            counts = torch.zeros(bank.num_motifs, dtype=torch.int64, device=weight.device)
             for start in range(0, flat.numel(), chunk):
                 part = flat[start:start + chunk]
                 own = search.nearest(to_blocks(part, s))
@@ -305,6 +307,7 @@ def refresh_bank(bank: MotifBank, members: list[Member]) -> tuple[BankStats, lis
                 original.copy_(distribute_tensor(weight, original.device_mesh, original.placements,
                                                  src_data_rank=None))
             param.distortion.fill_(distortion)
+            counts = counts.cpu()
             usage += counts
             tensor_stats.append(TensorStats(name, bank.name, param.numel, param.num_blocks, bank.num_motifs,
                                             distortion, changed, counts))

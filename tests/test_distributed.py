@@ -1,5 +1,6 @@
-"""Prepared models under DistributedDataParallel (2 gloo processes): replicas stay identical, refreshes
-agree without communication, and training equals one process on the same global batch."""
+"""Prepared models under DistributedDataParallel (2 gloo processes on the CPU; 2 nccl processes where 2 CUDA
+devices are present): replicas stay identical, refreshes agree without communication, and training equals one
+process on the same global batch."""
 
 from __future__ import annotations
 
@@ -23,6 +24,15 @@ REFRESH_EVERY = 2
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
+# The backends DDP is tested on: gloo on the CPU, nccl with a CUDA device per rank.
+BACKENDS = ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
+    not dist.is_nccl_available() or torch.cuda.device_count() < WORLD, reason=f"needs {WORLD} CUDA devices"))]
+CPU = torch.device("cpu")
+
+
+def _device(backend: str, rank: int) -> torch.device:
+    return torch.device("cuda", rank) if backend == "nccl" else CPU
+
 
 def _model(mode: str) -> nn.Module:
     torch.manual_seed(0)
@@ -35,13 +45,15 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(8, 12, generator=g), torch.randint(0, 3, (8,), generator=g)) for _ in range(STEPS)]
 
 
-def _train(model: nn.Module, rank: int, world: int, wrapped: bool | None = None) -> None:
-    """STEPS AdamW steps, each on this rank's contiguous share of the global batch, refreshing the
-    (wrapped or plain) model every REFRESH_EVERY steps and once before training."""
+def _train(model: nn.Module, rank: int, world: int, wrapped: bool | None = None,
+           device: torch.device = CPU) -> None:
+    """STEPS AdamW steps, each on this rank's contiguous share of the global batch (on `device`), refreshing
+    the (wrapped or plain) model every REFRESH_EVERY steps and once before training."""
     wrapped = world > 1 if wrapped is None else wrapped
     momos.refresh(model)
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     for step, (x, y) in enumerate(_batches(), 1):
+        x, y = x.to(device), y.to(device)
         share = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
         loss = nn.functional.cross_entropy(model(x[share]), y[share])
         opt.zero_grad()
@@ -52,19 +64,22 @@ def _train(model: nn.Module, rank: int, world: int, wrapped: bool | None = None)
             assert all(name.startswith("module.") for name in stats.tensors) == wrapped
 
 
-def _worker(rank: int, port: int, mode: str, out: str) -> None:
+def _worker(rank: int, port: int, mode: str, out: str, backend: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    device = _device(backend, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        model = _model(mode)
+        model = _model(mode).to(device)
         excluded = exclude_from_ddp_sync(model)
-        ddp = DistributedDataParallel(model)
+        ddp = DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None)
         synced = {id(b) for b in ddp.modules_buffers}
         momos_buffers = {id(b) for m in model.modules() if isinstance(m, (MotifBank, MoMosParametrization))
                          for b in m.buffers(recurse=False)}
         assert excluded and not synced & momos_buffers
-        _train(ddp, rank, WORLD)
-        torch.save(model.state_dict(), Path(out) / f"rank{rank}.pt")
+        _train(ddp, rank, WORLD, device=device)
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, Path(out) / f"rank{rank}.pt")
         dist.barrier()  # no rank tears gloo down while a peer's collective is in flight (a rare SIGABRT)
     finally:
         dist.destroy_process_group()
@@ -93,13 +108,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ranks_agree_and_match_one_process(mode: str, tmp_path: Path) -> dict[str, torch.Tensor]:
-    """The state dicts the ranks saved are identical and equal one process trained on the global batch
-    (floats within 1e-5 relative, integers exactly); returns rank 0's."""
+def _ranks_agree_and_match_one_process(mode: str, tmp_path: Path,
+                                       device: torch.device = CPU) -> dict[str, torch.Tensor]:
+    """The state dicts the ranks saved are identical and equal one process trained on the global batch on
+    `device` (floats within 1e-5 relative, integers exactly); returns rank 0's."""
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    single = _model(mode)
-    _train(single, 0, 1)
-    expected = single.state_dict()
+    single = _model(mode).to(device)
+    _train(single, 0, 1, device=device)
+    expected = {k: v.cpu() for k, v in single.state_dict().items()}
     assert ranks[0].keys() == expected.keys()
     assert any(k.endswith("motifs") for k in expected) and any(k.endswith("mosaic") for k in expected)
     for key, value in expected.items():
@@ -112,10 +128,11 @@ def _ranks_agree_and_match_one_process(mode: str, tmp_path: Path) -> dict[str, t
     return ranks[0]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["hard", "ste"])
-def test_ddp_replicas_agree_and_match_one_process(mode: str, tmp_path: Path) -> None:
-    mp.spawn(_worker, args=(_free_port(), mode, str(tmp_path)), nprocs=WORLD, join=True)
-    _ranks_agree_and_match_one_process(mode, tmp_path)
+def test_ddp_replicas_agree_and_match_one_process(mode: str, backend: str, tmp_path: Path) -> None:
+    mp.spawn(_worker, args=(_free_port(), mode, str(tmp_path), backend), nprocs=WORLD, join=True)
+    _ranks_agree_and_match_one_process(mode, tmp_path, _device(backend, 0))
 
 
 @pytest.mark.parametrize("mode", ["hard", "ste"])

@@ -121,7 +121,7 @@ def to_onnx(packed_model: nn.Module, example_inputs: torch.Tensor | Sequence[tor
     dense = _dense_twin(packed_model)
     try:
         program = torch.onnx.export(
-            dense, _batch_of_two(inputs), dynamo=True, optimize=False, opset_version=opset,
+            dense, tuple(x.cpu() for x in _batch_of_two(inputs)), dynamo=True, optimize=False, opset_version=opset,
             input_names=input_names, output_names=list(output_names) if output_names is not None else None,
             dynamic_shapes=tuple({0: torch.export.Dim.DYNAMIC} for _ in inputs), verbose=False,
         )
@@ -223,9 +223,10 @@ def _batch_of_two(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 def _dense_twin(model: nn.Module) -> nn.Module:
     """A copy of `model` whose MoMos tensors are plain parameters holding the decoded values.
 
-    The exporter then names each one by its fully-qualified name, which is how the decoders find them.
+    The exporter then names each one by its fully-qualified name, which is how the decoders find them. The twin
+    is on the CPU (an ONNX file holds no device), whatever device `model` is on.
     """
-    twin = copy.deepcopy(model)
+    twin = copy.deepcopy(model).cpu()
     for module in twin.modules():
         cls = module.__class__
         if not getattr(cls, "__momos_packed_class__", False):

@@ -1,0 +1,163 @@
+"""A model on an accelerator goes through the whole lifecycle there: prepare, refresh, train (hard and STE),
+convert, save, load, export. CI has no GPU: `tests/accelerator.py` stands in for one, refusing to mix devices
+the way CUDA does; where torch sees a real CUDA device the same checks run on it too."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerator import DEVICE, OnDevice, accelerated
+from torch import nn
+
+import momos
+from momos import assign
+from momos.api import prepared_tensors
+from momos.blocks import reconstruct, to_blocks
+from momos.parametrize import MotifBank
+from momos.runtime import Session
+
+STEPS = 5
+REFRESH_EVERY = 2
+
+
+def _devices() -> list:
+    cuda = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+    return [pytest.param("stand-in"), cuda]
+
+
+def _on(where: str) -> tuple[torch.device, AbstractContextManager]:
+    """The device and the context its tensors are used in."""
+    if where == "stand-in":
+        return DEVICE, accelerated()
+    return torch.device("cuda", 0), nullcontext()
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 3))
+
+
+def _config(mode: str, block_size: int = 2, **fields: str) -> momos.MoMosConfig:
+    return momos.MoMosConfig(block_size=block_size, capacity=0.25, mode=mode, **fields)
+
+
+def _batches(device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 12, generator=g).to(device), torch.randint(0, 3, (8,), generator=g).to(device))
+            for _ in range(STEPS)]
+
+
+def _assert_exact(model: nn.Module, refreshed: bool) -> None:
+    """In STE mode, each prepared tensor's MoMos weight is its latent blocks' nearest motifs, as the CPU assigns
+    them; in hard mode, right after a refresh, its weights are what its mosaic reconstructs."""
+    for _, param, latent in prepared_tensors(model):
+        latent = latent.detach()
+        motifs = param.bank.motifs.cpu().to(latent.dtype)
+        nearest = assign.nearest(to_blocks(latent.cpu(), motifs.shape[1]), motifs)
+        expected = reconstruct(motifs, nearest, latent.shape)
+        if param.bank.config.mode == "ste":
+            with torch.no_grad():
+                assert torch.equal(param(latent).cpu(), expected)
+        elif refreshed:  # the projection written into the weights (not the nearest of them: padding is reset)
+            assert torch.equal(latent.cpu(), reconstruct(motifs, param.mosaic.cpu(), latent.shape))
+
+
+def _trained(config: momos.MoMosConfig, device: torch.device, prepare_first: bool) -> nn.Module:
+    """The model prepared (before or after it moves to `device`), refreshed, trained `STEPS` AdamW steps with a
+    refresh every `REFRESH_EVERY`, each checked by `_assert_exact`."""
+    model = momos.prepare(_model(), config).to(device) if prepare_first else momos.prepare(_model().to(device), config)
+    assert all(t.device == device for t in [*model.parameters(), *model.buffers()])
+    momos.refresh(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, foreach=False)  # the same kernels on either side
+    momos.refresh_every(model, optimizer, REFRESH_EVERY)
+    for step, (x, y) in enumerate(_batches(device), 1):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        _assert_exact(model, refreshed=step % REFRESH_EVERY == 0)
+    return model
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("prepare_first", [True, False], ids=["prepared-then-moved", "moved-then-prepared"])
+@pytest.mark.parametrize("fields", [{}, {"motif_init": "kmeans", "scope": "tensor", "block_size": 3}],
+                         ids=["random-global", "kmeans-per-tensor"])
+@pytest.mark.parametrize("mode", ["hard", "ste"])
+def test_training_on_the_stand_in_equals_training_on_the_cpu(mode: str, fields: dict, prepare_first: bool) -> None:
+    """The stand-in runs every op on CPU data, so the run must be the CPU run bit for bit, in every weight, bank
+    and mosaic: moving to a device changes where tensors live, never what MoMos computes."""
+    config = _config(mode, **fields)
+    expected = _cpu_state(_trained(config, torch.device("cpu"), prepare_first))
+    with accelerated():
+        model = _trained(config, DEVICE, prepare_first)
+        assert isinstance(next(model.parameters()), OnDevice)
+        got = _cpu_state(model)
+        packed = momos.convert(model)
+        assert all(t.device == DEVICE for t in [*packed.parameters(), *packed.buffers()])
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+@pytest.mark.parametrize("where", _devices())
+@pytest.mark.parametrize("mode", ["hard", "ste"])
+def test_a_model_trained_on_a_device_saves_loads_and_exports_there(where: str, mode: str, tmp_path: Path) -> None:
+    device, context = _on(where)
+    with context:
+        model = _trained(_config(mode), device, prepare_first=False)
+        banks = [m for m in model.modules() if isinstance(m, MotifBank)]
+        assert banks and all(b.motifs.device == device and int(b.refreshes) == 1 + STEPS // REFRESH_EVERY
+                             for b in banks)
+        packed = momos.convert(model)
+        x = _batches(device)[0][0]
+        with torch.no_grad():
+            want = packed(x)
+        assert momos.save(packed, tmp_path / "model.momos").file_bytes > 0
+        loaded = momos.load(tmp_path / "model.momos", _model().to(device))
+        assert all(t.device == device for t in [*loaded.parameters(), *loaded.buffers()])
+        with torch.no_grad():
+            assert torch.equal(loaded(x).cpu(), want.cpu())
+        momos.export.to_onnx(packed, x, tmp_path / "model.onnx")
+        feeds, want = {"input": x.cpu().numpy()}, want.cpu().numpy()
+    got = Session(tmp_path / "model.onnx").run(feeds)["output"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# The stand-in must refuse what CUDA refuses, or the tests above would pass code that fails on a GPU.
+
+def test_the_stand_in_refuses_to_mix_devices_as_cuda_does() -> None:
+    with accelerated():
+        on_device = torch.arange(6.0).to(DEVICE)
+        assert on_device.device == DEVICE and on_device.device.type != "cpu"
+        with pytest.raises(RuntimeError, match="same device"):
+            _ = on_device + torch.ones(6)
+        with pytest.raises(RuntimeError, match="same device"):
+            torch.zeros(6).index_put_((torch.tensor([0]),), on_device[:1])
+        with pytest.raises(RuntimeError, match="same device"):
+            torch.index_select(on_device, 0, torch.tensor([1, 2]))
+        with pytest.raises(RuntimeError):
+            on_device.numpy()
+        with pytest.raises(RuntimeError, match="generator"):
+            torch.randn(3, device=DEVICE, generator=torch.Generator())
+
+
+def test_the_stand_in_allows_what_cuda_allows() -> None:
+    with accelerated():
+        on_device = torch.arange(6.0).to(DEVICE)
+        assert torch.equal((on_device * torch.tensor(2.0)).cpu(), torch.arange(6.0) * 2)  # a CPU scalar
+        assert torch.equal(on_device[torch.tensor([4, 1])].cpu(), torch.tensor([4.0, 1.0]))  # a CPU index
+        on_device[torch.tensor([0])] = torch.tensor(9.0)
+        cpu = torch.zeros(6)
+        cpu.copy_(on_device)
+        assert cpu.tolist() == [9.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+        grad = torch.ones(3).to(DEVICE).requires_grad_()
+        (grad * 3).sum().backward()
+        assert isinstance(grad.grad, OnDevice) and grad.grad.cpu().tolist() == [3.0, 3.0, 3.0]
