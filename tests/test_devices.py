@@ -4,6 +4,7 @@ the way CUDA does; where torch sees a real CUDA device the same checks run on it
 
 from __future__ import annotations
 
+import copy
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from accelerator import DEVICE, OnDevice, accelerated
 from torch import nn
 
 import momos
-from momos import assign
+from momos import assign, complexity
 from momos.api import prepared_tensors
 from momos.blocks import reconstruct, to_blocks
 from momos.parametrize import MotifBank
@@ -110,6 +111,8 @@ def test_training_on_the_stand_in_equals_training_on_the_cpu(mode: str, fields: 
 @pytest.mark.parametrize("where", _devices())
 @pytest.mark.parametrize("mode", ["hard", "ste"])
 def test_a_model_trained_on_a_device_saves_loads_and_exports_there(where: str, mode: str, tmp_path: Path) -> None:
+    """Its complexity and report are those of a CPU copy; loaded onto the device it gives the same outputs; the
+    exported file gives them in onnxruntime."""
     device, context = _on(where)
     with context:
         model = _trained(_config(mode), device, prepare_first=False)
@@ -120,6 +123,9 @@ def test_a_model_trained_on_a_device_saves_loads_and_exports_there(where: str, m
         x = _batches(device)[0][0]
         with torch.no_grad():
             want = packed(x)
+        on_cpu = copy.deepcopy(packed).cpu()
+        assert complexity.summary(packed) == complexity.summary(on_cpu)
+        assert str(momos.report(packed)) == str(momos.report(on_cpu))
         assert momos.save(packed, tmp_path / "model.momos").file_bytes > 0
         loaded = momos.load(tmp_path / "model.momos", _model().to(device))
         assert all(t.device == device for t in [*loaded.parameters(), *loaded.buffers()])
