@@ -42,8 +42,8 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 3))
 
 
-def _config(mode: str, block_size: int = 2, **fields: str) -> momos.MoMosConfig:
-    return momos.MoMosConfig(block_size=block_size, capacity=0.25, mode=mode, **fields)
+def _config(mode: str, **fields: str | int | float) -> momos.MoMosConfig:
+    return momos.MoMosConfig(**{"block_size": 2, "capacity": 0.25, "mode": mode, **fields})
 
 
 def _batches(device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -88,9 +88,14 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
+# A global bank of 48 motifs (every motif on each one's list), one of 97 (the lists' reach bounds a search),
+# k-means banks per tensor.
+BANKS = {"random-global": {}, "larger-bank": {"capacity": 0.5},
+         "kmeans-per-tensor": {"motif_init": "kmeans", "scope": "tensor", "block_size": 3}}
+
+
 @pytest.mark.parametrize("prepare_first", [True, False], ids=["prepared-then-moved", "moved-then-prepared"])
-@pytest.mark.parametrize("fields", [{}, {"motif_init": "kmeans", "scope": "tensor", "block_size": 3}],
-                         ids=["random-global", "kmeans-per-tensor"])
+@pytest.mark.parametrize("fields", BANKS.values(), ids=BANKS.keys())
 @pytest.mark.parametrize("mode", ["hard", "ste"])
 def test_training_on_the_stand_in_equals_training_on_the_cpu(mode: str, fields: dict, prepare_first: bool) -> None:
     """The stand-in runs every op on CPU data, so the run must be the CPU run bit for bit, in every weight, bank
