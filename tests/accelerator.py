@@ -73,10 +73,11 @@ def _device_kwarg(kwargs: dict) -> torch.device | None:
 
 def _check(func: Any, args: tuple, kwargs: dict) -> None:
     """CUDA's refusal of mixed devices, for the op `func` on `args`."""
-    if func in _COPIES:
-        return
-    if _device_kwarg(kwargs) == DEVICE and isinstance(kwargs.get("generator"), torch.Generator):
+    target = _device_kwarg(kwargs)
+    if target == DEVICE and isinstance(kwargs.get("generator"), torch.Generator):
         raise RuntimeError(f"{func}: a CPU generator cannot draw onto device {DEVICE}")
+    if func in _COPIES or target is not None:  # copies, and factories (whose tensor arguments are templates)
+        return
     checked = list(args)
     if func in _INDEXING and len(checked) > 1:
         indices = [t for t in tree_flatten(checked[1])[0] if isinstance(t, torch.Tensor)]
@@ -84,7 +85,7 @@ def _check(func: Any, args: tuple, kwargs: dict) -> None:
             raise RuntimeError(f"{func}: indices on {DEVICE} for a CPU tensor")
         checked[1] = None  # on the CPU or on the indexed tensor's device: both allowed
     tensors = [t for t in tree_flatten((checked, kwargs))[0] if isinstance(t, torch.Tensor)]
-    if any(_on_device(t) for t in tensors) or _device_kwarg(kwargs) == DEVICE:
+    if any(_on_device(t) for t in tensors):
         cpu = [t for t in tensors if not _on_device(t) and t.dim() > 0]
         if cpu:
             raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
@@ -112,9 +113,12 @@ class _Accelerated(TorchDispatchMode):
                 return results[0]
             if len(results) == len(schema.returns):
                 return tuple(results)
-        to_device = target == DEVICE if target is not None else inputs_on_device
-        if func in (aten._to_copy.default, aten.copy.default) and target is not None:
+        if target is not None:  # a factory, or `to(device)`
             to_device = target == DEVICE
+        elif func is aten.copy.default:  # `self` with the values of `src`: on the device of `self`
+            to_device = _on_device(args[0])
+        else:
+            to_device = inputs_on_device
         if not to_device:
             return out
         return tree_map(lambda t: OnDevice(t) if isinstance(t, torch.Tensor) else t, out)
