@@ -65,7 +65,7 @@ def prepare(model: nn.Module, config: MoMosConfig, *, include: Iterable[Any] | N
     owners = {full: (module, full.rsplit(".", 1)[-1]) for full, _, module in candidates}
     weights = {n: owners[n][0]._parameters[owners[n][1]] for n in chosen}
     global_names = [n for n, c in chosen.items() if c.scope == "global"]
-    _check_global_agreement(global_names, chosen)
+    _check_global_agreement(global_names, chosen, weights)
     # The MoMos buffers live on the device of the tensors they serve (a global bank: of the first one).
     banks: dict[str, MotifBank] = {}
     if global_names:
@@ -155,7 +155,8 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _check_global_agreement(names: list[str], chosen: dict[str, MoMosConfig]) -> None:
+def _check_global_agreement(names: list[str], chosen: dict[str, MoMosConfig],
+                            weights: dict[str, torch.Tensor]) -> None:
     if not names:
         return
     first = chosen[names[0]]
@@ -166,6 +167,13 @@ def _check_global_agreement(names: list[str], chosen: dict[str, MoMosConfig]) ->
                     f"tensors sharing the global bank must share {f}: {names[0]!r} has {getattr(first, f)!r}, "
                     f"{name!r} has {getattr(chosen[name], f)!r} (give one of them scope='tensor')"
                 )
+        # One bank, one device: its motifs are gathered with every mosaic it serves.
+        if weights[name].device != weights[names[0]].device:
+            raise MoMosConfigError(
+                f"tensors sharing the global bank must be on one device (scope='global'): {names[0]!r} is on "
+                f"{weights[names[0]].device}, {name!r} on {weights[name].device} (use scope='tensor': each tensor's "
+                f"bank then lives on its device)"
+            )
 
 
 def _members(model: nn.Module) -> list[tuple[str, nn.Module, str]]:

@@ -142,6 +142,40 @@ def test_a_model_trained_on_a_device_saves_loads_and_exports_there(where: str, m
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+class _Split(nn.Module):
+    """A model across two devices: its first layer on the CPU, its second on the stand-in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = nn.Linear(12, 24), nn.Linear(24, 3).to(DEVICE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x)).to(DEVICE))
+
+
+@pytest.mark.parametrize("mode", ["hard", "ste"])
+def test_a_model_across_devices_takes_a_bank_per_tensor_not_one_global_bank(mode: str) -> None:
+    with accelerated():
+        with pytest.raises(momos.MoMosConfigError, match="one device.*scope='tensor'"):
+            momos.prepare(_Split(), _config(mode))
+        model = momos.prepare(_Split(), _config(mode, scope="tensor"))
+        momos.refresh(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+        for x, y in _batches(torch.device("cpu")):
+            loss = nn.functional.cross_entropy(model(x), y.to(DEVICE))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            _assert_exact(model, refreshed=False)
+        momos.refresh(model)
+        _assert_exact(model, refreshed=True)
+        packed = momos.convert(model)
+        for module, device in ((packed.first, torch.device("cpu")), (packed.second, DEVICE)):
+            assert all(t.device == device for t in [*module.parameters(), *module.buffers()])
+        assert packed(x).device == DEVICE
+
+
 # The stand-in must refuse what CUDA refuses, or the tests above would pass code that fails on a GPU.
 
 def test_the_stand_in_refuses_to_mix_devices_as_cuda_does() -> None:
