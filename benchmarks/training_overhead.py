@@ -1,7 +1,7 @@
 """Training time per epoch of a prepared model against the same model dense, measured in one run.
 
     .venv/bin/python benchmarks/training_overhead.py [--model mlp] [--samples 50000] [--repeats 3] \
-        [--batch-sizes 64,512,2048] [--threads 1] [--phase 16]
+        [--batch-sizes 64,512,2048] [--threads 1] [--phase 16] [--device cpu]
 
 `--model mlp` (the default): the paper's MLP (64 -> 256 x4 -> 10); `--model cnn`: a ResNet-20 (width 16,
 BatchNorm, 272k parameters in 65 tensors) on the same inputs as 1x8x8 images. AdamW with a cosine schedule,
@@ -19,7 +19,9 @@ alternating phases of `--phase` steps each (which of the two goes first alternat
 speed drifts by 20-50% over minutes, and a phase lasts milliseconds, so the drift falls on both sides
 alike. MoMos's epoch is its steps (STE's first forward pays the tracker's restart on the bank drawn before
 the epoch) plus the refresh at its end. `--threads` sets torch's thread count, which dense training and
-MoMos's compiled loops both use (one by default: the steadiest figures).
+MoMos's compiled loops both use (one by default: the steadiest figures). `--device` trains both models and
+holds the data there (`cuda`: each phase and the refresh are timed to a synchronize; STE's tracker then runs
+its torch version, and a refresh searches on the CPU).
 """
 
 from __future__ import annotations
@@ -58,6 +60,17 @@ def as_input(data: Dataset, shape: tuple[int, ...]) -> Dataset:
     return Dataset(x_train, data.y_train, x_test, data.y_test, data.num_classes)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a GPU runs asynchronously): timings then cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def on(data: Dataset, device: torch.device) -> Dataset:
+    return Dataset(data.x_train.to(device), data.y_train.to(device), data.x_test.to(device), data.y_test.to(device),
+                   data.num_classes)
+
+
 class Trainer:
     """One model's epoch, a step at a time, timed: `momos.train.fit`'s loop (AdamW, cosine schedule)."""
 
@@ -69,10 +82,13 @@ class Trainer:
         self.seconds = 0.0
 
     def steps(self, data: Dataset, batches: list[torch.Tensor]) -> None:
+        device = data.x_train.device
+        synchronize(device)
         start = time.perf_counter()
         for batch in batches:
             train_step(self.model, self.optimizer, self.scheduler, self.loss, data.x_train[batch],
                        data.y_train[batch])
+        synchronize(device)
         self.seconds += time.perf_counter() - start
 
 
@@ -88,8 +104,10 @@ def epoch(initial: nn.Module, data: Dataset, method: str, batch_size: int, phase
     for i, start in enumerate(range(0, len(batches), phase)):
         for trainer in trainers if i % 2 == 0 else trainers[::-1]:
             trainer.steps(data, batches[start:start + phase])
+    synchronize(data.x_train.device)
     t = time.perf_counter()
     momos.refresh(prepared)
+    synchronize(data.x_train.device)
     refresh = time.perf_counter() - t
     return trainers[1].seconds + refresh, refresh, trainers[0].seconds
 
@@ -102,14 +120,17 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="64,512,2048", help="comma-separated; STE's cost is per step")
     parser.add_argument("--threads", type=int, default=1, help="torch's (and so MoMos's) thread count")
     parser.add_argument("--phase", type=int, default=16, help="steps each model trains before the other's turn")
+    parser.add_argument("--device", default="cpu", help="where both models train and the data lies (cpu, cuda)")
     args = parser.parse_args()
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     build, shape = MODELS[args.model]
     for batch_size in map(int, args.batch_sizes.split(",")):
         for name, data in ((f"synthetic, {args.samples} samples", synthetic(args.samples, shape)),
                            ("digits", as_input(digits(), shape))):
-            initial = build(shape, data.num_classes)
+            data = on(data, device)
+            initial = build(shape, data.num_classes).to(device)
             print(f"{args.model}, {name}, batch {batch_size}:")
             for method in ("hard", "ste"):
                 # The first epoch in a process also loads numba's compiled loops: left out.
