@@ -1,6 +1,7 @@
 """The STE tracker alone: its restart and its steps replayed against a full exact assignment of each step.
 
-    .venv/bin/python benchmarks/tracker.py [--batch-size 512] [--steps 97] [--repeats 5] [--threads 1]
+    .venv/bin/python benchmarks/tracker.py [--batch-size 512] [--steps 97] [--repeats 5] [--threads 1] \
+        [--device cpu]
 
 Trains the benchmark's MLP (64 -> 256 x4 -> 10, s=4, c=0.05, STE, AdamW with a cosine schedule over a
 50k-sample epoch, as `benchmarks/training_overhead.py`) for `--steps` steps and records every targeted
@@ -9,7 +10,8 @@ each STE forward calls it: a restart on the bank, then one call per step and ten
 ``assign.nearest`` (what a forward without a tracker computes), checks that both give the same mosaic at
 every step, and prints the fastest of `--repeats` replays of each. Without training around it, a replay is
 the same work each time: the steadiest measure of the tracker on this noisy machine, where whole training
-epochs drift by 20-50% over minutes.
+epochs drift by 20-50% over minutes. `--device` replays on another device (`cuda`: the tracker's torch version,
+timed to a synchronize); the recording trains on the CPU.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ from momos.train import make_optimizer, train_step
 
 BLOCK_SIZE = 4
 SAMPLES = 50_000
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a GPU runs asynchronously): timings then cover it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def record(batch_size: int, steps: int) -> tuple[torch.Tensor, list[torch.Tensor], list[list[torch.Tensor]]]:
@@ -61,9 +69,11 @@ def replay(bank: torch.Tensor, guesses: list[torch.Tensor], weights: list[list[t
     bank = bank.clone()
     trackers = [MosaicTracker() for _ in guesses]
     mosaics, rechecked, searched = [], 0, 0
+    synchronize(bank.device)
     start = time.perf_counter()
     for t, step in enumerate(weights):
         if t == 1:
+            synchronize(bank.device)
             first = time.perf_counter() - start
             start = time.perf_counter()
         row = []
@@ -73,6 +83,7 @@ def replay(bank: torch.Tensor, guesses: list[torch.Tensor], weights: list[list[t
             if tracked and t:
                 rechecked, searched = rechecked + tracker.rechecked, searched + tracker.searched
         mosaics.append(row)
+    synchronize(bank.device)
     steps = len(weights) - 1
     return first, (time.perf_counter() - start) / steps, mosaics, rechecked // steps, searched // steps
 
@@ -83,12 +94,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=97, help="recorded steps (97: an epoch at batch 512)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where the replays run (cpu, cuda)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     bank, guesses, weights = record(args.batch_size, args.steps)
+    bank, guesses = bank.to(device), [g.to(device) for g in guesses]
+    weights = [[w.to(device) for w in step] for step in weights]
     blocks = sum(g.numel() for g in guesses)
     print(f"MLP 64-256x4-10, s={BLOCK_SIZE}, c=0.05: {bank.shape[0]:,} motifs, {blocks:,} blocks in "
-          f"{len(guesses)} tensors; {args.steps} steps at batch {args.batch_size}, {args.threads} thread(s)")
+          f"{len(guesses)} tensors; {args.steps} steps at batch {args.batch_size}, {args.threads} thread(s), "
+          f"on {device}")
     replay(bank, guesses, weights[:2], True)  # numba's compiled loops load once per process
     best: dict[bool, tuple] = {}
     for _ in range(args.repeats):
