@@ -42,7 +42,8 @@ def draw_without_replacement(population: int, count: int, generator: torch.Gener
 
 
 def gather_blocks(tensors: Sequence[torch.Tensor], block_size: int, rows: torch.Tensor) -> torch.Tensor:
-    """Rows `rows` of the concatenated blocks of `tensors` (as `to_blocks` cuts each), without the concatenation."""
+    """Rows `rows` of the concatenated blocks of `tensors` (as `to_blocks` cuts each), without the concatenation, on
+    the CPU whatever the tensors' device."""
     counts = torch.tensor([num_blocks(t.numel(), block_size) for t in tensors])
     starts = torch.cumsum(counts, 0) - counts
     owner = torch.searchsorted(starts, rows, right=True) - 1
@@ -72,8 +73,8 @@ def block_chunks(tensors: Sequence[torch.Tensor], block_size: int) -> Iterator[t
 
 def sample_motifs(tensors: Sequence[torch.Tensor], block_size: int, num_motifs: int, *, force_zero: bool,
                   generator: torch.Generator) -> torch.Tensor:
-    """A ``(num_motifs, block_size)`` bank: zero first when `force_zero`, then blocks drawn without replacement
-    from all blocks of `tensors`."""
+    """A ``(num_motifs, block_size)`` bank on the CPU: zero first when `force_zero`, then blocks drawn without
+    replacement from all blocks of `tensors`."""
     m = sum(num_blocks(t.numel(), block_size) for t in tensors)
     drawn = min(num_motifs - 1 if force_zero else num_motifs, m)
     motifs = torch.zeros(num_motifs, block_size, dtype=tensors[0].dtype)
