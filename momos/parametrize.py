@@ -28,7 +28,12 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 class MotifBank(nn.Module):
-    """The ``(k, s)`` motif table of one bank, in the config's motif dtype, and its refresh counter."""
+    """The ``(k, s)`` motif table of one bank, in the config's motif dtype, and its refresh counter.
+
+    Whether the bank was ever refreshed is known from this process's refreshes and the state dicts it loaded,
+    not from the buffers' values: a model prepared on the meta device and materialized with ``to_empty`` has
+    buffers of arbitrary values, which must neither pass for a bank nor seed the next draw.
+    """
 
     def __init__(self, name: str, config: MoMosConfig, num_blocks: int, device: torch.device | None = None) -> None:
         super().__init__()
@@ -39,6 +44,7 @@ class MotifBank(nn.Module):
         self.register_buffer("motifs", torch.zeros(k, config.block_size, dtype=TORCH_DTYPES[config.motif_dtype],
                                                    device=device))
         self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64, device=device))
+        self._refreshed = False
 
     @property
     def num_motifs(self) -> int:
@@ -50,13 +56,28 @@ class MotifBank(nn.Module):
 
     @property
     def refreshed(self) -> bool:
-        return bool(self.refreshes.item() > 0)
+        return self._refreshed
+
+    @property
+    def refresh_count(self) -> int:
+        return int(self.refreshes) if self._refreshed else 0
 
     def generator(self) -> torch.Generator:
         """The random stream of the next refresh: a function of (seed, bank name, refresh count) only,
         so every process holding the same weights draws the same bank."""
-        seed = (self.config.seed * 1_000_003 + zlib.crc32(self.name.encode())) * 1_000_033 + int(self.refreshes)
+        seed = (self.config.seed * 1_000_003 + zlib.crc32(self.name.encode())) * 1_000_033 + self.refresh_count
         return torch.Generator().manual_seed(seed % (2**63))
+
+    def count_refresh(self) -> None:
+        """Record a refresh just written into `motifs`."""
+        self.refreshes.fill_(self.refresh_count + 1)
+        self._refreshed = True
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        loaded = state_dict.get(prefix + "refreshes")
+        if loaded is not None:
+            self._refreshed = int(loaded) > 0
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, num_motifs={self.num_motifs}, block_size={self.block_size}, " \
@@ -312,7 +333,7 @@ def refresh_bank(bank: MotifBank, members: list[Member]) -> tuple[BankStats, lis
             tensor_stats.append(TensorStats(name, bank.name, param.numel, param.num_blocks, bank.num_motifs,
                                             distortion, changed, counts))
         bank.motifs.copy_(stored)
-        bank.refreshes += 1
+        bank.count_refresh()
     bank_stats = BankStats(bank.name, bank.num_motifs, bank.num_blocks, sum(t.distortion for t in tensor_stats),
                            sum(t.weights_changed for t in tensor_stats), usage, [t.name for t in tensor_stats])
     return bank_stats, tensor_stats

@@ -188,15 +188,19 @@ def test_convert_of_ste_model_packs_the_weights_its_forward_computes():
         assert (momos.convert(model)(x) - model(x)).abs().max() <= 1e-6
 
 
-def test_state_dict_round_trips_prepared_and_converted_models():
+@pytest.mark.parametrize("mode", ["hard", "ste"])
+def test_state_dict_round_trips_prepared_and_converted_models(mode):
     torch.manual_seed(0)
-    cfg = MoMosConfig(capacity=0.2)
+    cfg = MoMosConfig(capacity=0.2, mode=mode)
     a = momos.prepare(_mlp(), cfg)
     momos.refresh(a)
     b = momos.prepare(_mlp(), cfg)
-    b.load_state_dict(a.state_dict())
+    b.load_state_dict(a.state_dict())  # a refreshed bank: STE's forward uses it
     x = torch.randn(3, 13)
     assert torch.equal(a(x), b(x))
+    momos.refresh(a)
+    momos.refresh(b)  # the same next draw: the loaded refresh count seeds it
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
     # loaded weights are the refreshed ones: convert packs them without a new draw
     pa, pb = momos.convert(a), momos.convert(b)
     assert torch.equal(pa(x), pb(x))

@@ -5,6 +5,7 @@ the way CUDA does; where torch sees a real CUDA device the same checks run on it
 from __future__ import annotations
 
 import copy
+import math
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -68,9 +69,14 @@ def _assert_exact(model: nn.Module, refreshed: bool) -> None:
 
 
 def _trained(config: momos.MoMosConfig, device: torch.device, prepare_first: bool) -> nn.Module:
-    """The model prepared (before or after it moves to `device`), refreshed, trained `STEPS` AdamW steps with a
-    refresh every `REFRESH_EVERY`, each checked by `_assert_exact`."""
+    """The model prepared (before or after it moves to `device`), then `_train`ed."""
     model = momos.prepare(_model(), config).to(device) if prepare_first else momos.prepare(_model().to(device), config)
+    return _train(model, device)
+
+
+def _train(model: nn.Module, device: torch.device) -> nn.Module:
+    """The prepared `model` refreshed, trained `STEPS` AdamW steps with a refresh every `REFRESH_EVERY`, each
+    checked by `_assert_exact`."""
     assert all(t.device == device for t in [*model.parameters(), *model.buffers()])
     momos.refresh(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, foreach=False)  # the same kernels on either side
@@ -86,6 +92,13 @@ def _trained(config: momos.MoMosConfig, device: torch.device, prepare_first: boo
 
 def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Every entry equal bit for bit (NaN where NaN)."""
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, equal_nan=True, msg=key)
 
 
 # A global bank of 48 motifs (every motif on each one's list), one of 97 (the lists' reach bounds a search),
@@ -108,9 +121,7 @@ def test_training_on_the_stand_in_equals_training_on_the_cpu(mode: str, fields: 
         got = _cpu_state(model)
         packed = momos.convert(model)
         assert all(t.device == DEVICE for t in [*packed.parameters(), *packed.buffers()])
-    assert got.keys() == expected.keys()
-    for key, value in expected.items():
-        assert torch.equal(got[key], value), key
+    _assert_same(got, expected)
 
 
 @pytest.mark.parametrize("where", _devices())
@@ -140,6 +151,24 @@ def test_a_model_trained_on_a_device_saves_loads_and_exports_there(where: str, m
         feeds, want = {"input": x.cpu().numpy()}, want.cpu().numpy()
     got = Session(tmp_path / "model.onnx").run(feeds)["output"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["hard", "ste"])
+def test_a_model_prepared_on_the_meta_device_trains_once_materialized_whatever_its_buffers_hold(mode: str) -> None:
+    """The large-model way (FSDP2's): build and prepare on the meta device, `to_empty`, initialize the weights
+    module by module (parents first). The MoMos buffers then hold whatever memory held: here values that would
+    pass for a bank refreshed 7 times. Training must equal the model built and prepared on the CPU."""
+    expected = _cpu_state(_trained(_config(mode), torch.device("cpu"), prepare_first=True))
+    with torch.device("meta"):
+        model = momos.prepare(nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 3)), _config(mode))
+    model.to_empty(device="cpu")
+    for buffer in model.buffers():
+        buffer.fill_(7 if buffer.dtype == torch.int64 else math.nan)
+    torch.manual_seed(0)  # as `_model` builds it
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.reset_parameters()
+    _assert_same(_cpu_state(_train(model, torch.device("cpu"))), expected)
 
 
 class _Split(nn.Module):
