@@ -4,6 +4,7 @@ process on the same global batch."""
 
 from __future__ import annotations
 
+import math
 import socket
 from pathlib import Path
 
@@ -85,13 +86,21 @@ def _worker(rank: int, port: int, mode: str, out: str, backend: str) -> None:
         dist.destroy_process_group()
 
 
-def _fsdp_worker(rank: int, port: int, mode: str, out: str) -> None:
+def _fsdp_worker(rank: int, port: int, mode: str, out: str, meta: bool) -> None:
     from torch.distributed.fsdp import fully_shard
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        model = fully_shard(_model(mode))  # in place: every parameter becomes a DTensor shard
+        if not meta:
+            model = fully_shard(_model(mode))  # in place: every parameter becomes a DTensor shard
+        else:  # built, prepared and sharded on the meta device, then materialized
+            with torch.device("meta"):
+                model = fully_shard(_model(mode))
+            model.to_empty(device="cpu")
+            for buffer in model.buffers():  # what to_empty leaves there, different on each rank
+                buffer.fill_(7 + rank if buffer.dtype == torch.int64 else math.nan)
+            _init_from(model, _model(mode))
         assert all(is_sharded(p) for p in model.parameters())
         _train(model, rank, WORLD, wrapped=False)
         with pytest.raises(momos.MoMosStateError, match="sharded"):
@@ -100,6 +109,17 @@ def _fsdp_worker(rank: int, port: int, mode: str, out: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _init_from(sharded: nn.Module, initial: nn.Module) -> None:
+    """Each parameter shard of `sharded` from the same parameter of `initial` (as an init function or a
+    checkpoint would give it)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    full = dict(initial.named_parameters())
+    with torch.no_grad():
+        for name, param in sharded.named_parameters():
+            param.copy_(distribute_tensor(full[name].detach(), param.device_mesh, param.placements))
 
 
 def _free_port() -> int:
@@ -135,12 +155,14 @@ def test_ddp_replicas_agree_and_match_one_process(mode: str, backend: str, tmp_p
     _ranks_agree_and_match_one_process(mode, tmp_path, _device(backend, 0))
 
 
+@pytest.mark.parametrize("meta", [False, True], ids=["built", "meta-init"])
 @pytest.mark.parametrize("mode", ["hard", "ste"])
-def test_fsdp_shards_agree_and_match_one_process(mode: str, tmp_path: Path) -> None:
+def test_fsdp_shards_agree_and_match_one_process(mode: str, meta: bool, tmp_path: Path) -> None:
     """FSDP2 (`fully_shard`): each refresh all-gathers the bank's tensors, so every rank draws the same
-    bank and mosaic, and training equals one process on the same global batch. The full state dict
-    loads into the unsharded prepared model, which converts."""
-    mp.spawn(_fsdp_worker, args=(_free_port(), mode, str(tmp_path)), nprocs=WORLD, join=True)
+    bank and mosaic, and training equals one process on the same global batch. The same from a model built
+    on the meta device, whose MoMos buffers hold different values on each rank after `to_empty`. The full
+    state dict loads into the unsharded prepared model, which converts."""
+    mp.spawn(_fsdp_worker, args=(_free_port(), mode, str(tmp_path), meta), nprocs=WORLD, join=True)
     state = _ranks_agree_and_match_one_process(mode, tmp_path)
     unsharded = _model(mode)
     unsharded.load_state_dict(state)
