@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +80,16 @@ class MotifBank(nn.Module):
         if loaded is not None:
             self._refreshed = int(loaded) > 0
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MotifBank:
+        """Moves and casts (``to``, ``to_empty``, ...) keep a refreshed bank's values and reset the others': after
+        ``to_empty`` the buffers hold arbitrary memory, which a compiled forward would read as a refresh count."""
+        super()._apply(fn, recurse)
+        if not self._refreshed:
+            with torch.no_grad():
+                self.motifs.zero_()
+                self.refreshes.zero_()
+        return self
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, num_motifs={self.num_motifs}, block_size={self.block_size}, " \
                f"num_blocks={self.num_blocks}, motif_dtype={self.config.motif_dtype}"
@@ -106,6 +117,15 @@ class MoMosParametrization(nn.Module):
     @property
     def num_blocks(self) -> int:
         return self.mosaic.shape[0]
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MoMosParametrization:
+        """As `MotifBank._apply`: the mosaic of a bank never refreshed is reset by moves (``to_empty``'s memory)."""
+        super()._apply(fn, recurse)
+        if not self.bank.refreshed:
+            with torch.no_grad():
+                self.mosaic.zero_()
+                self.distortion.fill_(math.nan)
+        return self
 
     def momos_weight(self, latent: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The MoMos weight of `latent` under the current bank (written into `out` if given): each latent

@@ -156,13 +156,16 @@ def test_a_model_trained_on_a_device_saves_loads_and_exports_there(where: str, m
 @pytest.mark.parametrize("mode", ["hard", "ste"])
 def test_a_model_prepared_on_the_meta_device_trains_once_materialized_whatever_its_buffers_hold(mode: str) -> None:
     """The large-model way (FSDP2's): build and prepare on the meta device, `to_empty`, initialize the weights
-    module by module (parents first). The MoMos buffers then hold whatever memory held: here values that would
-    pass for a bank refreshed 7 times. Training must equal the model built and prepared on the CPU."""
+    module by module (parents first). `to_empty` resets the MoMos buffers of a bank never refreshed; written over
+    anyway with values that would pass for a bank refreshed 7 times, they still do not count. Training must
+    equal the model built and prepared on the CPU."""
     expected = _cpu_state(_trained(_config(mode), torch.device("cpu"), prepare_first=True))
     with torch.device("meta"):
         model = momos.prepare(nn.Sequential(nn.Linear(12, 24), nn.ReLU(), nn.Linear(24, 3)), _config(mode))
     model.to_empty(device="cpu")
-    for buffer in model.buffers():
+    for name, buffer in model.named_buffers():  # reset by the move, whatever memory held
+        assert buffer.isnan().all() if name.endswith("distortion") else not buffer.any(), name
+    for buffer in model.buffers():  # and had they not been, the flag would still not trust them
         buffer.fill_(7 if buffer.dtype == torch.int64 else math.nan)
     torch.manual_seed(0)  # as `_model` builds it
     for module in model.modules():
