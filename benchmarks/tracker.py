@@ -20,6 +20,7 @@ import argparse
 import time
 
 import torch
+from training_overhead import synchronize  # a sibling script: benchmarks/ is on sys.path when run
 
 import momos
 from momos import assign
@@ -31,12 +32,6 @@ from momos.train import make_optimizer, train_step
 
 BLOCK_SIZE = 4
 SAMPLES = 50_000
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on `device` (a GPU runs asynchronously): timings then cover it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def record(batch_size: int, steps: int) -> tuple[torch.Tensor, list[torch.Tensor], list[list[torch.Tensor]]]:
