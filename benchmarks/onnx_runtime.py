@@ -113,8 +113,8 @@ def bench(name: str, width: int, hidden: int, classes: int, runs: int, workdir: 
     import torch
 
     import momos
-    from momos.models import mlp
-    from momos.packed import index_bits, packed_tensors
+    from momos.apps.models import mlp
+    from momos.nn.packed import index_bits, packed_tensors
 
     torch.manual_seed(0)
     model = mlp((width,), classes, hidden=hidden).eval()

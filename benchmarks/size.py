@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 import momos
-from momos import data, models, train
-from momos.packed import index_bits, packed_tensors
+from momos.apps import data, models, train
+from momos.nn.packed import index_bits, packed_tensors
 
 CONFIG = momos.MoMosConfig(block_size=4, capacity=0.05)
 

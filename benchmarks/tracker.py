@@ -23,12 +23,12 @@ import torch
 from training_overhead import synchronize  # a sibling script: benchmarks/ is on sys.path when run
 
 import momos
-from momos import assign
+from momos.apps.models import mlp
+from momos.apps.train import make_optimizer, train_step
 from momos.blocks import to_blocks
-from momos.incremental import MosaicTracker
-from momos.models import mlp
-from momos.parametrize import MotifBank, momos_of
-from momos.train import make_optimizer, train_step
+from momos.nn.parametrize import MotifBank, momos_of
+from momos.search import assign
+from momos.search.incremental import MosaicTracker
 
 BLOCK_SIZE = 4
 SAMPLES = 50_000
@@ -60,7 +60,7 @@ def record(batch_size: int, steps: int) -> tuple[torch.Tensor, list[torch.Tensor
 def replay(bank: torch.Tensor, guesses: list[torch.Tensor], weights: list[list[torch.Tensor]],
            tracked: bool) -> tuple[float, float, list[list[torch.Tensor]], int, int]:
     """(first call's seconds, seconds a step after it, the mosaics, blocks rechecked and searched a step). The
-    bank is a fresh copy: its search index (`momos.incremental.motif_index`) is built anew, as after a refresh."""
+    bank is a fresh copy: its search index (`incremental.motif_index`) is built anew, as after a refresh."""
     bank = bank.clone()
     trackers = [MosaicTracker() for _ in guesses]
     mosaics, rechecked, searched = [], 0, 0

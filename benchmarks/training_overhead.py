@@ -5,7 +5,7 @@
 
 `--model mlp` (the default): the paper's MLP (64 -> 256 x4 -> 10); `--model cnn`: a ResNet-20 (width 16,
 BatchNorm, 272k parameters in 65 tensors) on the same inputs as 1x8x8 images. AdamW with a cosine schedule,
-as `momos.train.fit`, s=4, c=0.05, a refresh per epoch, at each batch size. STE's assignment costs about the
+as `momos.apps.train.fit`, s=4, c=0.05, a refresh per epoch, at each batch size. STE's assignment costs about the
 same per step whatever the batch, so its ratio to dense falls as the batch grows (2048, 25 steps an epoch,
 shows where the MLP falls below the target), and as the dense work per weight grows: the MLP, two
 multiply-adds per weight and sample, is the worst case; a convolution reuses each weight at every position.
@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 import momos
-from momos.data import Dataset, digits
-from momos.models import mlp, resnet
-from momos.train import make_optimizer, split_batches, train_step
+from momos.apps.data import Dataset, digits
+from momos.apps.models import mlp, resnet
+from momos.apps.train import make_optimizer, split_batches, train_step
 
 TARGETS = {"hard": 1.10, "ste": 2.0}
 
@@ -72,7 +72,7 @@ def on(data: Dataset, device: torch.device) -> Dataset:
 
 
 class Trainer:
-    """One model's epoch, a step at a time, timed: `momos.train.fit`'s loop (AdamW, cosine schedule)."""
+    """One model's epoch, a step at a time, timed: `momos.apps.train.fit`'s loop (AdamW, cosine schedule)."""
 
     def __init__(self, model: nn.Module, steps: int) -> None:
         self.model = model

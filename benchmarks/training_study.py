@@ -24,9 +24,9 @@ import torch
 
 import momos
 from momos import complexity
-from momos.data import digits
-from momos.models import mlp
-from momos.train import fit
+from momos.apps.data import digits
+from momos.apps.models import mlp
+from momos.apps.train import fit
 
 
 def run(args: argparse.Namespace) -> list[dict[str, object]]:

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 import momos
-from momos.data import digits
-from momos.models import mlp
-from momos.train import evaluate
+from momos.apps.data import digits
+from momos.apps.models import mlp
+from momos.apps.train import evaluate
 
 data = digits()
 config = momos.MoMosConfig(block_size=4, capacity=0.05)

@@ -34,11 +34,11 @@ _LAZY = {
     "refresh": "momos.api",
     "convert": "momos.api",
     "report": "momos.reporting",
-    "save": "momos.format",
-    "load": "momos.format",
-    "inspect": "momos.format",
-    "refresh_every": "momos.schedule",
-    "RefreshStats": "momos.parametrize",
+    "save": "momos.io.format",
+    "load": "momos.io.format",
+    "inspect": "momos.io.format",
+    "refresh_every": "momos.nn.schedule",
+    "RefreshStats": "momos.nn.parametrize",
 }
 _SUBMODULES = {"complexity", "export", "runtime"}
 
@@ -50,10 +50,10 @@ __all__ = [
 if TYPE_CHECKING:
     from momos import complexity, export, runtime
     from momos.api import convert, prepare, refresh
-    from momos.format import inspect, load, save
-    from momos.parametrize import RefreshStats
+    from momos.io.format import inspect, load, save
+    from momos.nn.parametrize import RefreshStats
+    from momos.nn.schedule import refresh_every
     from momos.reporting import report
-    from momos.schedule import refresh_every
 
 
 def __getattr__(name: str) -> Any:

@@ -11,12 +11,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from momos import assign
 from momos.blocks import num_blocks, reconstruct, to_blocks
 from momos.config import BANK_FIELDS, MoMosConfig, build_rules, resolve
 from momos.errors import MoMosConfigError, MoMosSelectionError, MoMosStateError
-from momos.packed import MotifTable, PackedTensor, attach, is_packed, own_class
-from momos.parametrize import (
+from momos.nn.packed import MotifTable, PackedTensor, attach, is_packed, own_class
+from momos.nn.parametrize import (
     Member,
     MoMosParametrization,
     MotifBank,
@@ -28,6 +27,7 @@ from momos.parametrize import (
     register,
     whole,
 )
+from momos.search import assign
 
 GLOBAL_BANK = "global"
 

@@ -2,7 +2,7 @@
 
 `sample_motifs` is the paper's choice: motif 0 is the all-zero block when forced, the other motifs are
 blocks drawn uniformly without replacement. `kmeans_motifs` refines that draw with Lloyd iterations
-(the forced zero motif stays fixed). Assigning blocks to a bank is `momos.assign`.
+(the forced zero motif stays fixed). Assigning blocks to a bank is `momos.search.assign`.
 
 Both read the blocks straight from the tensors, a chunk at a time: memory beyond the bank stays
 O(k + chunk), never a copy of all blocks.
@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from momos.assign import MotifSearch
 from momos.blocks import num_blocks, to_blocks
+from momos.search.assign import MotifSearch
 
 # Values per chunk of blocks read at once.
 _CHUNK = 1 << 18

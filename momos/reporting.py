@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from momos.errors import MoMosStateError
-from momos.packed import index_bits, packed_tensors
+from momos.nn.packed import index_bits, packed_tensors
 
 
 @dataclass(frozen=True)

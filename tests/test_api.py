@@ -153,8 +153,8 @@ def test_convert_matches_the_refreshed_prepared_model(small_model, scope, motif_
         got = packed(x)
     assert (got - expected).abs().max() <= 1e-6
     assert not any(p.startswith("parametrizations") for p, _ in packed.named_parameters())
-    tables = {id(p.table) for _, p in momos.packed.packed_tensors(packed)}
-    assert len(tables) == (1 if scope == "global" else len(list(momos.packed.packed_tensors(packed))))
+    tables = {id(p.table) for _, p in momos.nn.packed.packed_tensors(packed)}
+    assert len(tables) == (1 if scope == "global" else len(list(momos.nn.packed.packed_tensors(packed))))
     # the prepared model is untouched by convert (inplace=False)
     assert len(list(prepared_tensors(prepared))) > 0
 
@@ -165,7 +165,7 @@ def test_convert_refreshes_only_when_weights_moved():
     momos.refresh(model)
     bank = next(iter(_banks(model).values()))
     packed = momos.convert(model)
-    assert torch.equal(next(momos.packed.packed_tensors(packed))[1].table.motifs, bank.motifs)
+    assert torch.equal(next(momos.nn.packed.packed_tensors(packed))[1].table.motifs, bank.motifs)
     assert int(bank.refreshes) == 1
     with torch.no_grad():
         model[0].parametrizations.weight.original.add_(0.01)
@@ -222,7 +222,7 @@ def test_packed_models_deepcopy_but_refuse_pickle(tmp_path):
 
 
 def test_mosaic_dtype_is_the_smallest_unsigned_that_fits():
-    from momos.packed import mosaic_dtype
+    from momos.nn.packed import mosaic_dtype
 
     assert mosaic_dtype(1) == mosaic_dtype(256) == torch.uint8
     assert mosaic_dtype(257) == mosaic_dtype(65536) == torch.uint16

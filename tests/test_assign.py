@@ -1,4 +1,4 @@
-"""`momos.assign`: every engine returns the exact nearest motif, lowest index on ties, as its docstring defines."""
+"""`momos.search.assign`: every engine returns the exact nearest motif, lowest index on ties, as defined there."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from momos import assign
 from momos.errors import MoMosConfigError, MoMosValueError
+from momos.search import assign
 
 ENGINES = ("torch", "kdtree", "faiss", "auto")
 

@@ -3,9 +3,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from momos import bank
-from momos.assign import nearest
 from momos.bank import draw_without_replacement, gather_blocks, kmeans_motifs, sample_motifs
 from momos.blocks import to_blocks
+from momos.search.assign import nearest
 
 
 @given(population=st.integers(1, 5000), share=st.floats(0.0, 1.0), seed=st.integers(0, 99))

@@ -20,13 +20,14 @@ import pytest
 import torch
 
 import momos
-from momos import cli, runtime
-from momos.data import digits
-from momos.models import build
-from momos.train import evaluate
+from momos import runtime
+from momos.apps import cli
+from momos.apps.data import digits
+from momos.apps.models import build
+from momos.apps.train import evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-MOMOS = [sys.executable, "-m", "momos.cli"]
+MOMOS = [sys.executable, "-m", "momos.apps.cli"]
 
 USER_MODULE = textwrap.dedent('''
     import torch
@@ -109,7 +110,7 @@ def test_demo_files_reproduce_its_accuracies(demo_run: tuple) -> None:
 
 
 def test_demo_training_is_repeatable() -> None:
-    from momos.experiments import train_demo_models
+    from momos.apps.experiments import train_demo_models
 
     first, second = (train_demo_models(epochs=1, seed=5) for _ in range(2))
     for a, b in ((first.dense, second.dense), (first.packed, second.packed)):

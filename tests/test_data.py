@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from momos import MoMosConfigError, MoMosFormatError
-from momos.data import digits, load_npz
+from momos.apps.data import digits, load_npz
 
 
 def test_digits_ship_offline_and_split_deterministically():

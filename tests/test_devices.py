@@ -16,11 +16,12 @@ from accelerator import DEVICE, OnDevice, accelerated
 from torch import nn
 
 import momos
-from momos import assign, complexity
+from momos import complexity
 from momos.api import prepared_tensors
 from momos.blocks import reconstruct, to_blocks
-from momos.parametrize import MotifBank
+from momos.nn.parametrize import MotifBank
 from momos.runtime import Session
+from momos.search import assign
 
 STEPS = 5
 REFRESH_EVERY = 2

@@ -16,8 +16,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import momos
-from momos.distributed import exclude_from_ddp_sync
-from momos.parametrize import MoMosParametrization, MotifBank, is_sharded, whole
+from momos.nn.distributed import exclude_from_ddp_sync
+from momos.nn.parametrize import MoMosParametrization, MotifBank, is_sharded, whole
 
 WORLD = 2
 STEPS = 6

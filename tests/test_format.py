@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import momos
-from momos import format as fmt
 from momos.errors import MoMosFormatError, MoMosStateError
-from momos.packed import index_bits, packed_tensors
+from momos.io import format as fmt
+from momos.nn.packed import index_bits, packed_tensors
 
 
 def converted(model: nn.Module, **config: object) -> nn.Module:

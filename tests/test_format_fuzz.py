@@ -22,8 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import momos
-from momos import format as fmt
 from momos.errors import MoMosFormatError
+from momos.io import format as fmt
 
 FOLDER = Path(tempfile.mkdtemp(prefix="momos-fuzz-"))
 CASES = {  # name -> (model, scope, coding)

@@ -1,4 +1,4 @@
-"""`momos.kdtree`: the compiled tree answers `momos.assign`'s definition exactly, in any query order."""
+"""`momos.search.kdtree`: the compiled tree answers `momos.search.assign`'s definition exactly, in any query order."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from momos import assign, kdtree
 from momos.errors import MoMosValueError
-from momos.kdtree import MotifTree
+from momos.search import assign, kdtree
+from momos.search.kdtree import MotifTree
 
 
 def definition(x: np.ndarray, motifs: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The compiled CPU loops compute what `momos.incremental`'s torch version defines."""
+"""The compiled CPU loops compute what `momos.search.incremental`'s torch version defines."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from momos import assign, incremental, kernels
-from momos.incremental import FACETS, Search, motif_index
+from momos.search import _compiled, assign, incremental
+from momos.search.incremental import FACETS, Search, motif_index
 
 
 def _torch_settle(x: torch.Tensor, lists: torch.Tensor, rest: torch.Tensor,
@@ -46,7 +46,7 @@ def test_settle_equals_the_torch_settle(seed: int, k: int, s: int, width: int, c
                  torch.empty(c, FACETS, dtype=torch.int64), torch.empty(c, dtype=torch.float64),
                  torch.empty(c, dtype=torch.float64))
     proven, runner_up = torch.empty(c, dtype=torch.bool), torch.empty(c, dtype=torch.bool)
-    kernels.settle(x.numpy(), lists.numpy(), rest.numpy(), motifs.numpy(), got.nearest.numpy(), got.radius.numpy(),
+    _compiled.settle(x.numpy(), lists.numpy(), rest.numpy(), motifs.numpy(), got.nearest.numpy(), got.radius.numpy(),
                    got.listed.numpy(), got.bound.numpy(), got.pair_radius.numpy(), proven.numpy(), runner_up.numpy())
     assert torch.equal(got.nearest, want.nearest)
     assert torch.equal(proven, want_proven)
@@ -61,7 +61,7 @@ def test_settle_equals_the_torch_settle(seed: int, k: int, s: int, width: int, c
        wanted=st.integers(1, 20))
 def test_smallest_ranks_finite_values_by_value_then_position(values: list[float], wanted: int) -> None:
     array, order = np.array(values), np.full(2 * len(values), -1, dtype=np.int64)
-    count = kernels._smallest(array, len(values), wanted, order, np.empty(wanted))
+    count = _compiled._smallest(array, len(values), wanted, order, np.empty(wanted))
     finite = [j for j in np.argsort(array, kind="stable") if array[j] < math.inf]
     assert count == min(wanted, len(finite))
     assert order[:count].tolist() == finite[:wanted]
@@ -81,10 +81,10 @@ def test_a_search_its_list_cannot_prove_is_proven_in_the_kd_tree() -> None:
     far = blocks.clone()
     far[0] = torch.tensor([0.9, -0.7, 0.8, 0.6], dtype=torch.float64)
     center = int(tracker._mosaic[0])
-    scratch, work = kernels._scratch(lists[0].shape[1], z.shape[0])
-    assert not kernels._search_near(0, far.numpy(), 0, center, z, lists, state, scratch, work)
-    query = kernels._tree_scratch(index.tree.arrays, z, incremental.SEARCHED, index.marks(1), 0)
-    assert kernels._search_again(0, far.numpy(), center, z, lists, index.tree.arrays, state, scratch, work, query, 0)
+    scratch, work = _compiled._scratch(lists[0].shape[1], z.shape[0])
+    assert not _compiled._search_near(0, far.numpy(), 0, center, z, lists, state, scratch, work)
+    query = _compiled._tree_scratch(index.tree.arrays, z, incremental.SEARCHED, index.marks(1), 0)
+    assert _compiled._search_again(0, far.numpy(), center, z, lists, index.tree.arrays, state, scratch, work, query, 0)
     want = int(assign.nearest(far[:1], motifs)[0])
     assert state[1][0] == want and state[6][0, 0] == want  # recorded: its nearest motif, first of its candidates
     assert state[7][0] > 0  # and a bound to move in
@@ -101,10 +101,10 @@ def test_neighbour_lists_hold_the_nearest_motifs_and_a_safe_reach(seed: int, k: 
     neighbors, spacing, reach, built = index.lazy
     width = neighbors.shape[1]
     assert width == min(k, incremental.KERNEL_NEIGHBORS)
-    _, work = kernels._scratch(width, k)
+    _, work = _compiled._scratch(width, k)
     d = sum((z[:, None, c] - z[None, :, c]) ** 2 for c in range(4))  # D of every pair, coordinate by coordinate
     for center in range(k):
-        kernels._near(z.numpy(), center, index.lazy, work)
+        _compiled._near(z.numpy(), center, index.lazy, work)
         order = torch.from_numpy(np.argsort(d[center].numpy(), kind="stable"))
         listed = torch.from_numpy(neighbors[center]).long()
         assert torch.equal(listed.sort().values, order[:width].sort().values)  # in no particular order
@@ -146,7 +146,7 @@ def test_lists_from_the_kd_tree_are_the_lists_brute_force_builds(seed: int, dupl
 def test_threads_split_the_blocks_and_agree_with_one_thread(k: int) -> None:
     g = torch.Generator().manual_seed(k)
     motifs = torch.randn(k, 4, generator=g) * 0.1
-    start = torch.randn(3 * kernels.CHUNK + 100, 4, generator=g) * 0.1  # several chunks, a partial last one
+    start = torch.randn(3 * _compiled.CHUNK + 100, 4, generator=g) * 0.1  # several chunks, a partial last one
     guess = torch.randint(0, k, (start.shape[0],), generator=g)
     steps = [start + 0.003 * (t + 1) * torch.randn(start.shape, generator=g) for t in range(4)]
     previous = torch.get_num_threads()
@@ -168,7 +168,7 @@ def test_the_compiled_loops_leave_torch_thread_count_alone() -> None:
     # STE forward would meet it.
     script = (
         "import torch, momos\n"
-        "from momos.models import mlp\n"
+        "from momos.apps.models import mlp\n"
         "torch.set_num_threads(1)\n"
         "model = momos.prepare(mlp((64,), 10), momos.MoMosConfig(capacity=0.05, mode='ste'))\n"
         "momos.refresh(model)\n"

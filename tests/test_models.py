@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from momos import MoMosConfigError
-from momos.models import build
+from momos.apps.models import build
 
 
 @pytest.mark.parametrize("name, params", [("mlp", 216_586), ("cnn", 272_186), ("vit", 69_194)])

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import momos
-from momos import parametrize
 from momos.api import prepared_tensors
 from momos.blocks import reconstruct, to_blocks
+from momos.nn import parametrize
 
 
 class Odd(nn.Module):
@@ -34,7 +34,7 @@ def one_pass(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, fl
     for name, param, latent in prepared_tensors(model):
         weight = latent.detach()
         motifs = param.bank.motifs.to(weight.dtype)
-        mosaic = momos.assign.nearest(to_blocks(weight, param.bank.block_size), motifs, engine="torch")
+        mosaic = momos.search.assign.nearest(to_blocks(weight, param.bank.block_size), motifs, engine="torch")
         new = reconstruct(motifs, mosaic, weight.shape)
         diff = (weight - new).double()
         out[name] = (new, mosaic, float((diff * diff).sum()), int((weight != new).sum()))

@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import momos
-from momos import assign, incremental
 from momos.api import prepared_tensors
 from momos.blocks import to_blocks
 from momos.errors import MoMosValueError
-from momos.incremental import NEIGHBORS, SEARCHED, MosaicTracker, motif_index, search
+from momos.search import assign, incremental
+from momos.search.incremental import NEIGHBORS, SEARCHED, MosaicTracker, motif_index, search
 
-# Every test below runs both ways: the compiled CPU loops (`momos.kernels`) and the torch version.
+# Every test below runs both ways: the compiled CPU loops (`momos.search._compiled`) and the torch version.
 ENGINES = pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "torch"])
 
 

@@ -5,9 +5,9 @@ import torch
 
 import momos
 from momos import MoMosConfig, MoMosConfigError
-from momos.data import split
-from momos.models import build
-from momos.train import evaluate, fit
+from momos.apps.data import split
+from momos.apps.models import build
+from momos.apps.train import evaluate, fit
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_fit_rejects_bad_arguments(blobs, kwargs, field):
 
 
 def test_a_last_batch_of_one_sample_joins_the_previous_one():
-    from momos.train import split_batches
+    from momos.apps.train import split_batches
 
     assert [len(b) for b in split_batches(torch.arange(129), 64)] == [64, 65]
     assert [len(b) for b in split_batches(torch.arange(130), 64)] == [64, 64, 2]

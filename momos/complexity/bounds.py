@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from momos.errors import MoMosConfigError, MoMosStateError
-from momos.packed import index_bits, packed_tensors
+from momos.nn.packed import index_bits, packed_tensors
 
 # ζ: the decoder reads fixed-width 64-bit header fields (per bank k, s and the motif dtype; per tensor its
 # bank, its number of dimensions and each dimension) and each bank's mosaics as one byte-aligned stream

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from momos.errors import MoMosConfigError, MoMosValueError
-from momos.packed import PACKED_ATTR
+from momos.nn.packed import PACKED_ATTR
 
 
 def trainable_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -75,7 +75,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from momos.errors import MoMosExportError
-from momos.packed import PACKED_ATTR, MotifTable, PackedTensor, index_bits, packed_tensors
+from momos.nn.packed import PACKED_ATTR, MotifTable, PackedTensor, index_bits, packed_tensors
 from momos.runtime import metadata as meta
 
 LAYOUTS = ("packed", "native")

@@ -17,8 +17,8 @@ from momos import complexity
 from momos.api import prepared_tensors
 from momos.blocks import num_blocks, reconstruct
 from momos.complexity.bounds import header_bits
-from momos.format import pack_bits, unpack_bits
-from momos.packed import index_bits, packed_tensors
+from momos.io.format import pack_bits, unpack_bits
+from momos.nn.packed import index_bits, packed_tensors
 
 TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,7 +40,7 @@ def witness(model: nn.Module) -> tuple[bytes, dict[str, torch.Tensor]]:
     """A concrete description of the MoMos tensors of a packed model, and what it decodes to.
 
     Header fields at 64 bits; per bank its table in the motif dtype, then the mosaics of its tensors as one
-    stream of ceil(log2 k)-bit indices (momos.format's bit packing).
+    stream of ceil(log2 k)-bit indices (momos.io.format's bit packing).
     """
     banks: dict[int, list] = {}
     for name, tensor in packed_tensors(model):

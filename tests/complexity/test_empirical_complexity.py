@@ -11,8 +11,8 @@ from torch import nn
 
 import momos
 from momos import complexity
-from momos.data import digits
-from momos.models import mlp
+from momos.apps.data import digits
+from momos.apps.models import mlp
 
 
 @pytest.fixture(scope="module")

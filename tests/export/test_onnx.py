@@ -16,10 +16,10 @@ from torch import nn
 
 import momos
 from momos import runtime
+from momos.apps.models import mlp
 from momos.errors import MoMosExportError
 from momos.export.onnx import pack_indices, require_runtime, unpack_indices
-from momos.models import mlp
-from momos.packed import index_bits, packed_tensors
+from momos.nn.packed import index_bits, packed_tensors
 
 
 def _packed(model: nn.Module, config: momos.MoMosConfig) -> nn.Module:

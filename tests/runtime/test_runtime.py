@@ -18,7 +18,7 @@ from torch import nn
 import momos
 from momos import runtime
 from momos.errors import MoMosFormatError
-from momos.packed import index_bits, packed_tensors
+from momos.nn.packed import index_bits, packed_tensors
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ Engines (`ENGINES`), chosen per ``(s, k, m)`` by `choose_engine` from measuremen
 
 - ``"torch"``: chunked brute force of D itself, O(m k s), no setup cost; the choice for small ``m * k``
   or small banks, and faiss's fallback.
-- ``"kdtree"``: a compiled KD-tree (`momos.kdtree`, O(m log k) for small s) that computes D itself and
+- ``"kdtree"``: a compiled KD-tree (`momos.search.kdtree`, O(m log k) for small s) that computes D itself and
   answers exactly; the choice for s <= 4, and for s <= 8 with larger banks: the only engine that stays
   near-linear in model size at fixed capacity.
 - ``"faiss"``: faiss ``IndexFlatL2`` brute force with BLAS in float32, O(m k s); the choice for small
@@ -29,15 +29,11 @@ it; faiss's own OpenMP setting is changed only for the duration of a search and 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import torch
 
 from momos.errors import MoMosConfigError, MoMosValueError
-
-if TYPE_CHECKING:
-    from momos.kdtree import MotifTree
+from momos.search.kdtree import MotifTree
 
 ENGINES = ("auto", "faiss", "kdtree", "torch")
 
@@ -101,8 +97,6 @@ class MotifSearch:
         self._fast: _FaissEngine | None = None
         self._tree: MotifTree | None = None
         if self.engine == "kdtree":
-            from momos.kdtree import MotifTree  # imported on first use: it imports numba (~0.5 s)
-
             self._tree = MotifTree(self.motifs.numpy())
         elif self.engine == "faiss":
             # Duplicate motifs would make every block near them a tie; keep one copy, under its lowest index.

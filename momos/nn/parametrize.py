@@ -18,12 +18,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from momos import assign
 from momos.bank import kmeans_motifs, sample_motifs
 from momos.blocks import num_blocks, reconstruct, to_blocks
 from momos.config import MoMosConfig
 from momos.errors import MoMosValueError
-from momos.incremental import MosaicTracker, nearest_op
+from momos.search import assign
+from momos.search.incremental import MosaicTracker, nearest_op
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -130,7 +130,7 @@ class MoMosParametrization(nn.Module):
     def momos_weight(self, latent: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The MoMos weight of `latent` under the current bank (written into `out` if given): each latent
         block replaced by its nearest motif (``assign.nearest``). Eagerly, only blocks that may have changed
-        their nearest motif since the previous call are searched again (`momos.incremental`); compiled,
+        their nearest motif since the previous call are searched again (`momos.search.incremental`); compiled,
         every block is."""
         motifs = self.bank.motifs
         blocks = to_blocks(latent, motifs.shape[1])

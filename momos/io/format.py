@@ -54,7 +54,7 @@ from torch import nn
 
 from momos.config import MOTIF_DTYPES, MoMosConfig
 from momos.errors import MoMosConfigError, MoMosFormatError, MoMosStateError
-from momos.packed import PACKED_ATTR, MotifTable, PackedTensor, attach, index_bits, mosaic_dtype, packed_tensors
+from momos.nn.packed import PACKED_ATTR, MotifTable, PackedTensor, attach, index_bits, mosaic_dtype, packed_tensors
 
 FORMAT_MAGIC = "momos"
 FORMAT_VERSION = 1

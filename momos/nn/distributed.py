@@ -20,7 +20,7 @@ not tested here, as the test machines have no GPU.
 
 FSDP2 (``fully_shard``, CPU/gloo tested): prepare, then shard; no extra user code. Between forwards each
 parameter is a DTensor shard, while a bank is drawn from all its blocks and a mosaic covers the whole
-tensor, so a refresh all-gathers the tensors of each bank (`momos.parametrize.whole`: one all-gather of
+tensor, so a refresh all-gathers the tensors of each bank (`momos.nn.parametrize.whole`: one all-gather of
 the parameters, as a forward does), computes the same bank and mosaic on every rank, and in hard mode
 writes back each rank's own shard. Forwards see FSDP's unsharded parameters, so STE works as usual.
 `momos.convert` refuses sharded parameters (it packs whole tensors, and FSDP modules cannot be copied):
@@ -35,7 +35,7 @@ from __future__ import annotations
 from torch import nn
 
 from momos.errors import MoMosStateError
-from momos.parametrize import MoMosParametrization, MotifBank
+from momos.nn.parametrize import MoMosParametrization, MotifBank
 
 
 def exclude_from_ddp_sync(model: nn.Module) -> list[str]:

@@ -1,4 +1,4 @@
-"""The experiments behind `momos demo` and `momos sweep`: train with `momos.train.fit`, compress, measure.
+"""The experiments behind `momos demo` and `momos sweep`: train with `momos.apps.train.fit`, compress, measure.
 
     result = demo("momos-demo", epochs=50)  # digits, paper MLP, dense vs MoMos, .momos + .onnx + plots + JSON
     print(result)                           # the demo's table
@@ -24,17 +24,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from momos import complexity, plots, runtime
+from momos import complexity, runtime
 from momos.api import convert, prepare
+from momos.apps import plots
+from momos.apps.data import Dataset, digits
+from momos.apps.models import MODELS, build
+from momos.apps.train import History, evaluate, fit
 from momos.config import MoMosConfig
-from momos.data import Dataset, digits
 from momos.errors import MoMosConfigError, MoMosError
 from momos.export import to_onnx
-from momos.format import load, save
-from momos.models import MODELS, build
-from momos.packed import packed_tensors
+from momos.io.format import load, save
+from momos.nn.packed import packed_tensors
 from momos.reporting import report
-from momos.train import History, evaluate, fit
 
 # The reference code's optimizer per model: AdamW for the MLP and the ViT, SGD for the ResNet.
 OPTIMIZERS = {"mlp": "adamw", "cnn": "sgd", "vit": "adamw"}

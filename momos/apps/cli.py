@@ -155,7 +155,7 @@ def load_weights(model: Any, path: Path) -> None:
 
 def load_data(path: Path | None, seed: int) -> tuple[Any, str]:
     """``(Dataset, name)``: digits when `path` is None, else the user's .npz (arrays X and y)."""
-    from momos.data import digits, load_npz
+    from momos.apps.data import digits, load_npz
     from momos.errors import MoMosFormatError
 
     if path is None:
@@ -167,7 +167,7 @@ def load_data(path: Path | None, seed: int) -> tuple[Any, str]:
 
 
 def _emit_json(data: dict[str, Any]) -> None:
-    from momos.experiments import to_json
+    from momos.apps.experiments import to_json
 
     print(to_json(data))
 
@@ -188,8 +188,8 @@ class _Console:
 # Subcommands: each takes the parsed arguments and a console, prints its result, returns an exit status.
 
 def cmd_demo(args: argparse.Namespace, console: _Console) -> int:
+    from momos.apps.experiments import demo
     from momos.config import MoMosConfig
-    from momos.experiments import demo
 
     MoMosConfig(block_size=args.block_size, capacity=args.capacity, seed=args.seed)  # fail before training
     result = demo(args.out, epochs=args.epochs, seed=args.seed, block_size=args.block_size,
@@ -204,9 +204,9 @@ def cmd_demo(args: argparse.Namespace, console: _Console) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, console: _Console) -> int:
-    from momos import plots
+    from momos.apps import plots
+    from momos.apps.experiments import sweep, write_csv
     from momos.config import MoMosConfig
-    from momos.experiments import sweep, write_csv
 
     for s in args.block_sizes:  # fail before training
         for c in args.capacities:
@@ -242,8 +242,8 @@ def _sweep_table(rows: Sequence[dict[str, Any]]) -> str:
 
 def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
     import momos
-    from momos.experiments import OPTIMIZERS
-    from momos.train import evaluate, fit
+    from momos.apps.experiments import OPTIMIZERS
+    from momos.apps.train import evaluate, fit
 
     config = momos.MoMosConfig(block_size=args.block_size, capacity=args.capacity, seed=args.seed)
     data = load_data(args.finetune, args.seed)[0] if args.finetune else None
@@ -280,7 +280,7 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
 def cmd_inspect(args: argparse.Namespace, console: _Console) -> int:
     suffix = args.file.suffix.lower()
     if suffix == ".momos":
-        from momos.format import inspect
+        from momos.io.format import inspect
     elif suffix == ".onnx":
         from momos.runtime import inspect
     else:
@@ -326,7 +326,7 @@ def cmd_complexity(args: argparse.Namespace, console: _Console) -> int:
 
     target = args.target
     if target == "demo":
-        from momos.experiments import train_demo_models
+        from momos.apps.experiments import train_demo_models
 
         trained = train_demo_models(epochs=args.epochs, seed=args.seed, progress=console.progress,
                                     log=console.log)

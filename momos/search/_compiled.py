@@ -1,9 +1,9 @@
 """Compiled CPU loops (numba) for the STE forward's hot path: one pass over a tensor's blocks per step.
 
-`momos.incremental` defines what is computed and holds the torch version, which serves every other
+`momos.search.incremental` defines what is computed and holds the torch version, which serves every other
 device. The loops here do the same block by block in one compiled pass instead of a hundred whole-array
 torch operations, whose dispatch, not their arithmetic, was the cost of a step (17 ms against a 2.4 ms
-dense step on the MLP 64-256x4-10). Every distance is `momos.assign`'s D (float64, coordinate by coordinate),
+dense step on the MLP 64-256x4-10). Every distance is `momos.search.assign`'s D (float64, coordinate by coordinate),
 ties go to the lowest index and every bound keeps the same margin, so the mosaic is the same bit for bit.
 
 One thing only the compiled path has: a block that must be searched again is searched among the
@@ -12,7 +12,7 @@ listed motif's distance to it (a restart builds the lists of its start motifs in
 KD-tree, `enlist`; any other list is built on first use by brute force over the bank). A block at
 distance r from motif c has every motif that is not on c's list at least ``reach(c) - r`` away, which
 usually proves the nearest on the list. A block it does not prove (far from every motif) is searched among
-its `SEARCHED` nearest motifs: in the bank's KD-tree where there is one (`momos.kdtree`, from a heap of the
+its `SEARCHED` nearest motifs: in the bank's KD-tree where there is one (`momos.search.kdtree`, from a heap of the
 list's nearest: 8-9 us against 13-15 us by brute force over the benchmark's 2,707 motifs), else by brute
 force in small banks; the rest are left to the caller (`MosaicTracker`), which searches them the torch way
 (many motifs tie).
@@ -24,7 +24,7 @@ blocks into chunks shared among numba's threads, as many as torch's (`on_torch_t
 thread with scratch space of its own (O(k) for the tree's searches): a chunk searches only among lists
 already built, and one thread then builds the lists missing and searches the blocks left (`step_serial`
 does the same on the calling thread, for small tensors and one thread). This module imports numba;
-`momos.incremental` imports it on first use. numba compiles each loop once per argument types and caches
+`momos.search.incremental` imports it on first use. numba compiles each loop once per argument types and caches
 the machine code on disk.
 """
 
@@ -37,8 +37,241 @@ from typing import Any
 import numba
 import numpy as np
 
-from momos.incremental import _TIE_SPACING, MARGIN
-from momos.kdtree import _distance, _jit, _keep, _query, _replace_top, _work, _worse
+# Relative margin kept below every exact bound for float rounding (ours and the assignment engine's).
+MARGIN = 1e-6
+# Two motifs closer than this (relative to the block's distances) are a tie: rounding could order them.
+_TIE_SPACING = 1e-6
+
+# numba infers every argument's type at the first call: the loops carry no annotations.
+_jit = numba.njit(cache=True, nogil=True, error_model="numpy")
+
+# Relative slack on a box's distance before its subtree is skipped: far above the rounding of D and of
+# the box's distance (~1e-15 relative), so a skipped motif is never as near as the worst motif kept.
+_PRUNE_SLACK = 1e-9
+# Queries of up to this many motifs start from the previous query's answer: for more, the heap fills
+# faster from the query's own leaf (129 motifs a query: 50 against 62 ms on 2,707 motifs).
+_WARM_COUNT = 24
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _distance(x, i, z, j):
+    """D(x_i, z_j): float64, summed coordinate by coordinate. Blocks of 4 (the default) are spelled out:
+    a loop over a length unknown at compile time keeps LLVM from vectorizing the loops over motifs around
+    it, which made a search 2-3x slower."""
+    if x.shape[1] == 4:
+        a, b = float(x[i, 0]) - float(z[j, 0]), float(x[i, 1]) - float(z[j, 1])
+        c, e = float(x[i, 2]) - float(z[j, 2]), float(x[i, 3]) - float(z[j, 3])
+        return ((a * a + b * b) + c * c) + e * e  # the loop's order of summation, so the same value
+    total = 0.0
+    for c in range(x.shape[1]):
+        diff = float(x[i, c]) - float(z[j, c])
+        total += diff * diff
+    return total
+
+
+@_jit
+def _kth_smallest(values, kth):
+    """The `kth` smallest (from 0) of the float array `values`, which it reorders: Hoare's selection."""
+    lo, hi = 0, values.shape[0] - 1
+    while lo < hi:
+        pivot = values[(lo + hi) // 2]
+        i, j = lo, hi
+        while i <= j:
+            while values[i] < pivot:
+                i += 1
+            while values[j] > pivot:
+                j -= 1
+            if i <= j:
+                values[i], values[j] = values[j], values[i]
+                i += 1
+                j -= 1
+        if kth <= j:
+            hi = j
+        elif kth >= i:
+            lo = i
+        else:
+            break  # values[j + 1..i - 1] all equal the pivot
+    return values[kth]
+
+
+@_jit
+def _build(z, leaf_size):
+    """A KD-tree over the rows of `z` ``(k, s)``: each node splits its motifs at the median of its widest
+    axis. Returns, as one flat tuple, the nodes' ``first, end, axis, split, left, right`` (axis -1 for a
+    leaf, which holds motifs ``first..end`` of the tree's order), that order, the motifs in it, the tree's
+    depth and its largest leaf. O(k log k)."""
+    k, s = z.shape
+    capacity = 2 * k + 1
+    first, end = np.zeros(capacity, np.int64), np.zeros(capacity, np.int64)
+    axis, split = np.full(capacity, -1, np.int64), np.zeros(capacity)
+    left, right = np.full(capacity, -1, np.int64), np.full(capacity, -1, np.int64)
+    level = np.zeros(capacity, np.int64)
+    order = np.arange(k)
+    end[0] = k
+    count, depth, largest = 1, 1, 1
+    pending = np.zeros(capacity, np.int64)  # nodes to split, as a stack
+    waiting = 1
+    while waiting:
+        waiting -= 1
+        node = pending[waiting]
+        a, b = first[node], end[node]
+        depth = max(depth, level[node] + 1)
+        if b - a <= leaf_size:
+            largest = max(largest, b - a)
+            continue
+        widest, spread = 0, 0.0
+        for c in range(s):
+            low, high = np.inf, -np.inf
+            for t in range(a, b):
+                low, high = min(low, z[order[t], c]), max(high, z[order[t], c])
+            if high - low > spread:
+                widest, spread = c, high - low
+        if not spread > 0:  # all its motifs are equal: a leaf, however many
+            largest = max(largest, b - a)
+            continue
+        keys = np.empty(b - a)
+        for t in range(a, b):
+            keys[t - a] = z[order[t], widest]
+        middle = a + (b - a) // 2
+        median = _kth_smallest(keys.copy(), middle - a)
+        # Below the median, then at it, then above: motifs on the left have coordinates <= the split on
+        # this axis, those on the right >= it.
+        members = order[a:b].copy()
+        t = a
+        for side in range(-1, 2):
+            for r in range(b - a):
+                if (keys[r] > median) - (keys[r] < median) == side:
+                    order[t] = members[r]
+                    t += 1
+        axis[node], split[node], left[node], right[node] = widest, median, count, count + 1
+        first[count], end[count], first[count + 1], end[count + 1] = a, middle, middle, b
+        level[count] = level[count + 1] = level[node] + 1
+        pending[waiting], pending[waiting + 1] = count, count + 1
+        waiting += 2
+        count += 2
+    points = np.empty((k, s))
+    for t in range(k):
+        for c in range(s):  # element by element: a row assignment took numba 3.5 s more to compile
+            points[t, c] = z[order[t], c]
+    return first[:count], end[:count], axis[:count], split[:count], left[:count], right[:count], order, points, \
+        depth, largest
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _worse(d_a, a, d_b, b):
+    """Whether motif `a` at distance `d_a` ranks after motif `b` at `d_b`: farther, or as far with a higher index."""
+    return d_a > d_b or (d_a == d_b and a > b)
+
+
+@_jit
+def _keep(heap_d, heap, size, d, j):
+    """Put motif `j` at distance `d` into the max-heap ``heap[:size]`` (by rank, the worst on top), which
+    holds fewer than its capacity; returns the new size."""
+    t = size
+    while t > 0 and _worse(d, j, heap_d[(t - 1) // 2], heap[(t - 1) // 2]):
+        heap_d[t], heap[t] = heap_d[(t - 1) // 2], heap[(t - 1) // 2]
+        t = (t - 1) // 2
+    heap_d[t], heap[t] = d, j
+    return size + 1
+
+
+@_jit
+def _replace_top(heap_d, heap, size, d, j):
+    """Put motif `j` at distance `d`, which ranks before the top, into the full heap ``heap[:size]`` in place of
+    its top."""
+    t = 0
+    while True:
+        child = 2 * t + 1
+        if child >= size:
+            break
+        if child + 1 < size and _worse(heap_d[child + 1], heap[child + 1], heap_d[child], heap[child]):
+            child += 1
+        if not _worse(heap_d[child], heap[child], d, j):
+            break
+        heap_d[t], heap[t] = heap_d[child], heap[child]
+        t = child
+    heap_d[t], heap[t] = d, j
+
+
+@_jit
+def _query(x, i, tree, heap_d, heap, size, seen, stamp, work):
+    """Complete the max-heap ``heap[:size]`` (by rank, the worst on top) of motifs near row `i` of `x` into its
+    ``count = heap.shape[0]`` nearest motifs (``count <= k``) of the tree's bank, ranked by D and then index.
+    The heap may start with any distinct motifs and their D (a warm start: their distances prune the tree at
+    once), each marked ``seen[j] == stamp``; every motif kept is marked so, and `stamp` must be new to
+    `seen`. `work` is `_work`'s scratch space. Returns the heap's size, `count`."""
+    first, end, axis, split, left, right, order, points, _, _ = tree
+    stack, box, offsets, offset, distances = work
+    s, count = x.shape[1], heap.shape[0]
+    stack[0], box[0], top = 0, 0.0, 1
+    for c in range(s):
+        offsets[0, c] = 0.0
+    while top:
+        top -= 1
+        node = stack[top]
+        if size == count and box[top] * (1 - _PRUNE_SLACK) > heap_d[0]:
+            continue
+        reach = box[top]
+        for c in range(s):
+            offset[c] = offsets[top, c]
+        while axis[node] >= 0:  # down to a leaf, the nearer child first, the farther one kept for later
+            c = axis[node]
+            gap = x[i, c] - split[node]
+            near, far = (left[node], right[node]) if gap < 0 else (right[node], left[node])
+            # The far child's box: this axis's distance becomes the gap to the split.
+            farther = reach - offset[c] * offset[c] + gap * gap
+            if size < count or farther * (1 - _PRUNE_SLACK) <= heap_d[0]:
+                stack[top], box[top] = far, farther
+                for axis_c in range(s):
+                    offsets[top, axis_c] = offset[axis_c]
+                offsets[top, c] = gap
+                top += 1
+            node = near
+        a = first[node]
+        for t in range(a, end[node]):
+            distances[t - a] = _distance(x, i, points, t)
+        for t in range(a, end[node]):
+            d, j = distances[t - a], order[t]
+            if size < count:
+                if seen[j] != stamp:
+                    size = _keep(heap_d, heap, size, d, j)
+                    seen[j] = stamp
+            elif d <= heap_d[0] and _worse(heap_d[0], heap[0], d, j) and seen[j] != stamp:
+                _replace_top(heap_d, heap, size, d, j)
+                seen[j] = stamp
+    return size
+
+
+@_jit
+def _work(tree, s):
+    """`_query`'s scratch space for a tree over motifs of size `s`: the pending far children (node, the box's
+    distance and the query's distance to it on each axis) and one leaf's distances."""
+    depth, largest = tree[8], tree[9]
+    return (np.empty(depth + 1, np.int64), np.empty(depth + 1), np.empty((depth + 1, s)), np.empty(s),
+            np.empty(largest))
+
+
+@_jit
+def _search(x, lo, hi, z, tree, found, found_d):
+    """The ``count = found.shape[1]`` nearest motifs (``count <= k``) of rows ``lo..hi`` of `x`, ranked by D and
+    then index, into `found` (the farthest first, the others in no order) and their D into `found_d`. A query
+    for up to `_WARM_COUNT` motifs starts from the previous one's answer, whose distances prune most of the
+    tree at once."""
+    count = found.shape[1]
+    work = _work(tree, x.shape[1])
+    heap_d, heap = np.empty(count), np.empty(count, np.int64)
+    seen = np.full(z.shape[0], -1, np.int64)  # the query that last put each motif into the heap
+    for i in range(lo, hi):
+        size = 0
+        if i > lo and count <= _WARM_COUNT:
+            for r in range(count):
+                j = found[i - 1, r]
+                size = _keep(heap_d, heap, size, _distance(x, i, z, j), j)
+                seen[j] = i
+        _query(x, i, tree, heap_d, heap, size, seen, i, work)
+        for r in range(count):
+            found[i, r], found_d[i, r] = heap[r], heap_d[r]
+
 
 # The entry points split a tensor's blocks among threads (numba's, as many as torch's: `on_torch_threads`).
 _parallel = numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
@@ -112,7 +345,7 @@ def _same(z, a, b):
 
 @_jit
 def _settle_row(x, i, lists, z, listed, row, d, facet, order, gap, spacing, center):
-    """Row `i` of `x` among the motifs `lists` (1-D), as `momos.incremental._Cell` and `_settle` see it:
+    """Row `i` of `x` among the motifs `lists` (1-D), as `momos.search.incremental._Cell` and `_settle` see it:
     returns (nearest, its distance d1, the runner-up's d2, the nearest Voronoi facet, the second nearest,
     the one after the `listed` motifs) and writes into ``listed[row]`` the motifs with the nearest facets
     (repeating the first when fewer are listed). `spacing`, where it has an entry per listed motif, holds
@@ -162,7 +395,7 @@ def _settle_row(x, i, lists, z, listed, row, d, facet, order, gap, spacing, cent
 
 @_jit
 def settle(x, lists, rest, z, nearest, radius, listed, bound, pair_radius, proven, runner_up):
-    """`momos.incremental._settle` of every row of `x` ``(c, s)`` among its distinct motifs `lists` ``(c, L)``,
+    """`momos.search.incremental._settle` of every row of `x` ``(c, s)`` among its distinct motifs `lists` ``(c, L)``,
     given `rest`, a lower bound on its distance to every motif off its list; writes the outputs."""
     width = lists.shape[1]
     d, facet, gap, order = np.empty(width), np.empty(width), np.empty(width), np.empty(2 * width, dtype=np.int64)
@@ -333,7 +566,7 @@ def _search_all(i, x, z, searched, state, scratch, work):
 @_jit
 def _search_tree(i, x, z, tree, state, scratch, query, seeds, seed_d):
     """Search block `i` of `x` among its nearest motifs, as many as `query` holds, found in the bank's KD-tree
-    (`momos.kdtree`) from a heap seeded with the distinct motifs `seeds` at D `seed_d` (near ones prune the tree
+    (`momos.search.kdtree`) from a heap seeded with the distinct motifs `seeds` at D `seed_d` (near ones prune the tree
     at once); True where that proves its nearest motif (and records the search)."""
     heap_d, heap, seen, stamp, work = query
     stamp[0] += 1
@@ -356,7 +589,7 @@ def _search_tree(i, x, z, tree, state, scratch, query, seeds, seed_d):
 def _tree_scratch(tree, z, count, marks, run):
     """`_search_tree`'s scratch space for queries of `count` motifs on thread run `run`: the heap, that run's
     row of `marks` (each motif's last query, and the count of queries: kept with the bank,
-    `MotifIndex.marks`, so that no call clears O(k) memory) and `momos.kdtree._work`."""
+    `MotifIndex.marks`, so that no call clears O(k) memory) and `momos.search.kdtree._work`."""
     return np.empty(count), np.empty(count, np.int64), marks[0][run], marks[1][run:run + 1], _work(tree, z.shape[1])
 
 
@@ -405,7 +638,7 @@ def _start_run(x, z, guess, lists, tree, marks, state, mosaic, ties, searched, r
 @_parallel
 def start(x, z, guess, lists, tree, marks, state, mosaic, ties, searched, threads):
     """Search every block of `x` ``(m, s)`` among the neighbours of its `guess` motif and, where that proves
-    nothing, among its `searched` nearest motifs in the bank's KD-tree `tree` (`momos.kdtree.NO_TREE`: none);
+    nothing, among its `searched` nearest motifs in the bank's KD-tree `tree` (`momos.search.kdtree.NO_TREE`: none);
     record it. Writes into `ties` the blocks that does not prove and returns how many. The chunks of blocks
     are shared among `threads` runs."""
     chunks = (x.shape[0] + CHUNK - 1) // CHUNK
@@ -498,7 +731,7 @@ def step(x, z, lists, tree, marks, state, mosaic, lost, searched, threads):
     Writes each block's nearest motif (over the float64 bank `z`) into `mosaic` and updates the state of
     the blocks it looked at again. A block that left the bound of its last search is searched among the
     neighbours of its nearest candidate and, where that proves nothing, among its `searched` nearest motifs:
-    in the bank's KD-tree `tree` (`momos.kdtree.NO_TREE`: none), else by brute force where `searched` > 0
+    in the bank's KD-tree `tree` (`momos.search.kdtree.NO_TREE`: none), else by brute force where `searched` > 0
     (`_search_again`). A block still unproven is written into `lost`, its mosaic entry left to the caller.
     Returns (blocks that moved past their slack, blocks searched, blocks lost). The chunks of blocks are
     shared among `threads` runs, each with its own scratch space.

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from momos.data import Dataset
+from momos.apps.data import Dataset
 from momos.errors import MoMosConfigError
 
 OPTIMIZERS = ("adamw", "sgd")

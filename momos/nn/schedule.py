@@ -13,7 +13,7 @@ from torch import nn
 
 from momos.api import refresh
 from momos.errors import MoMosConfigError
-from momos.parametrize import RefreshStats
+from momos.nn.parametrize import RefreshStats
 
 
 @dataclass

@@ -18,11 +18,11 @@ Facts from the triangle inequality make it cheap, and none gives up exactness:
   list, and the whole bank where the list is provably too short.
 
 On CPU (`KERNELS`) the tracker's per-step pass, its restart on a new bank and the settling of searches
-run as compiled loops (`momos.kernels`), which first search a block again among the `KERNEL_NEIGHBORS`
+run as compiled loops (`momos.search._compiled`), which first search a block again among the `KERNEL_NEIGHBORS`
 nearest motifs of its nearest candidate, listed for any bank; this module's torch version serves other
 devices.
 
-Distances are computed as `momos.assign` defines them (float64, coordinate by coordinate) and ties go to
+Distances are computed as `momos.search.assign` defines them (float64, coordinate by coordinate) and ties go to
 the lowest index as there; every bound keeps a relative margin (`MARGIN`) for float rounding, and motifs
 too close to separate from rounding are ties. So the result always equals ``assign.nearest(blocks,
 motifs)``, which decides the rare blocks where more than `SEARCHED` motifs tie.
@@ -32,17 +32,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from momos import assign
 from momos.errors import MoMosValueError
-
-if TYPE_CHECKING:
-    from momos.kdtree import MotifTree
+from momos.search import _compiled, assign, kdtree
+from momos.search._compiled import _TIE_SPACING, MARGIN
+from momos.search.kdtree import MotifTree
 
 # Motifs listed per motif (banks without a KD-tree): long enough to settle almost every search.
 NEIGHBORS = 64
@@ -53,19 +51,15 @@ KERNEL_NEIGHBORS = 128
 FACETS = 10
 # Nearest motifs a KD-tree search fetches (at least FACETS + 2): more fetch slower, but bound farther.
 SEARCHED = 24
-# Relative margin kept below every exact bound for float rounding (ours and the assignment engine's).
-MARGIN = 1e-6
 # Banks searched with a KD-tree (CPU only): block sizes up to this, with at least this many motifs.
 _TREE_MAX_BLOCK = 8
 _TREE_MIN_MOTIFS = 256
-# Two motifs closer than this (relative to the block's distances) are a tie: rounding could order them.
-_TIE_SPACING = 1e-6
 # Elements of the largest temporary distance array.
 _CHUNK_ELEMENTS = 1 << 21
 # Largest bank (motifs x block size) without a KD-tree in which the compiled pass searches a block its
 # neighbour lists do not settle by brute force (larger: the torch way, after the pass).
 _BRUTE_FORCE = 1 << 14
-# On CPU the per-block loops run compiled (`momos.kernels`, numba); False runs the torch version
+# On CPU the per-block loops run compiled (`momos.search._compiled`, numba); False runs the torch version
 # everywhere, which computes the same answers (the tests compare both).
 KERNELS = True
 
@@ -105,8 +99,6 @@ class MotifIndex:
         which a list built on first use costs."""
         if self.lazy is None or self.tree is None or self.motifs.shape[0] <= self.lazy[0].shape[1]:
             return
-        from momos import kernels
-
         neighbors, _, _, built = self.lazy
         wanted = np.unique(centers.numpy())
         wanted = wanted[~built[wanted]]
@@ -115,7 +107,7 @@ class MotifIndex:
         z = self.motifs.numpy()
         found, d = self.tree.neighbors(z[wanted], neighbors.shape[1] + 1, torch.get_num_threads())
         # The farthest found is the first left off the list: its distance bounds every other motif's.
-        kernels.enlist(z, wanted, np.ascontiguousarray(found[:, 1:]), np.sqrt(d[:, 0]), self.lazy)
+        _compiled.enlist(z, wanted, np.ascontiguousarray(found[:, 1:]), np.sqrt(d[:, 0]), self.lazy)
 
     @classmethod
     def build(cls, motifs: torch.Tensor) -> MotifIndex:
@@ -131,8 +123,6 @@ class MotifIndex:
             everyone = torch.arange(k, device=z.device).expand(k, k)
             return cls(z, None, everyone, torch.full((k,), math.inf, dtype=torch.float64, device=z.device), lazy)
         if z.device.type == "cpu" and s <= _TREE_MAX_BLOCK and k >= _TREE_MIN_MOTIFS:
-            from momos.kdtree import MotifTree  # imported on first use: it imports numba (~0.5 s)
-
             return cls(z, MotifTree(z.numpy()), lazy=lazy)
         squared, neighbors = [], []
         z_sq = (z * z).sum(1)
@@ -189,7 +179,7 @@ def _pad_listed(listed: torch.Tensor) -> torch.Tensor:
 
 def _exact_distances(x: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """D of each float64 row of `x` ``(c, s)`` to its candidate motifs ``(c, n, s)``, summed coordinate by
-    coordinate as `momos.assign` defines it, so that values equal here are equal there."""
+    coordinate as `momos.search.assign` defines it, so that values equal here are equal there."""
     d = (x[:, None, 0] - candidates[:, :, 0]).square_()
     for i in range(1, x.shape[1]):
         d += (x[:, None, i] - candidates[:, :, i]).square_()
@@ -240,14 +230,12 @@ def _settle(x: torch.Tensor, lists: torch.Tensor, rest: torch.Tensor,
     `FACETS` listed motifs with the nearest facets.
     """
     if KERNELS and x.device.type == "cpu":
-        from momos import kernels
-
         c = x.shape[0]
         found = Search(torch.empty(c, dtype=torch.int64), torch.empty(c, dtype=torch.float64),
                        torch.empty(c, FACETS, dtype=torch.int64), torch.empty(c, dtype=torch.float64),
                        torch.empty(c, dtype=torch.float64))
         proven, runner_up = torch.empty(c, dtype=torch.bool), torch.empty(c, dtype=torch.bool)
-        kernels.settle(x.contiguous().numpy(), lists.contiguous().numpy(), rest.contiguous().numpy(),
+        _compiled.settle(x.contiguous().numpy(), lists.contiguous().numpy(), rest.contiguous().numpy(),
                        index.motifs.numpy(), found.nearest.numpy(), found.radius.numpy(),
                        found.listed.numpy(), found.bound.numpy(), found.pair_radius.numpy(), proven.numpy(),
                        runner_up.numpy())
@@ -425,7 +413,7 @@ class MosaicTracker:
             # frees the storage of unsharded parameters by resizing it after each backward.
             self._blocks = torch.empty(blocks.shape, dtype=work)
             tree, searched = _searches(index, _BRUTE_FORCE)
-            # `kernels.step`'s arguments before and after the marks, which depend on the thread count.
+            # `_compiled.step`'s arguments before and after the marks, which depend on the thread count.
             self._step_args = ((self._blocks.numpy(), index.motifs.numpy(), index.lazy, tree),
                                (*self._arrays, searched))
 
@@ -470,15 +458,13 @@ class MosaicTracker:
                                                       < index.motifs.shape[0]):
                 guess = torch.zeros(blocks.shape[0], dtype=torch.int64, device=blocks.device)  # any valid start
             if self._arrays is not None:
-                from momos import kernels
-
                 self._owner.copy_(guess)  # where a block's neighbour search proves nothing, its search starts
                 index.enlist(guess)
                 tree, searched = _searches(index, 0)
-                threads = kernels.torch_threads()
-                ties = kernels.on_torch_threads(kernels.start, blocks.to(work, copy=True).numpy(), index.motifs.numpy(),
-                                               guess.clone().numpy(), index.lazy, tree, index.marks(threads),
-                                               *self._arrays, searched, threads)
+                threads = _compiled.torch_threads()
+                ties = _compiled.on_torch_threads(_compiled.start, blocks.to(work, copy=True).numpy(),
+                                                  index.motifs.numpy(), guess.clone().numpy(), index.lazy, tree,
+                                                  index.marks(threads), *self._arrays, searched, threads)
                 self._search_lost(ties, blocks)
             else:
                 self._search(slice(None), blocks, guess)
@@ -543,18 +529,16 @@ class MosaicTracker:
                                   f"the first block {int(bad[0])} = {blocks[bad[0]].tolist()}; the training diverged?")
 
     def _compiled_step(self, blocks: torch.Tensor) -> torch.Tensor:
-        """The incremental call above as one compiled pass (`momos.kernels`) over a copy of `blocks`; the blocks
+        """The incremental call above as one compiled pass (`_compiled`) over a copy of `blocks`; the blocks
         it could not prove (ties of more motifs than a search lists, NaN blocks) are left to `_search_lost`."""
-        from momos import kernels
-
         self._blocks.copy_(blocks)
         head, tail = self._step_args
-        if blocks.shape[0] > kernels.CHUNK and torch.get_num_threads() > 1:
-            threads = kernels.torch_threads()
-            self.rechecked, self.searched, lost = kernels.on_torch_threads(
-                kernels.step, *head, self._index.marks(threads), *tail, threads)
+        if blocks.shape[0] > _compiled.CHUNK and torch.get_num_threads() > 1:
+            threads = _compiled.torch_threads()
+            self.rechecked, self.searched, lost = _compiled.on_torch_threads(
+                _compiled.step, *head, self._index.marks(threads), *tail, threads)
         else:
-            self.rechecked, self.searched, lost = kernels.step_serial(*head, self._index.marks(1), *tail)
+            self.rechecked, self.searched, lost = _compiled.step_serial(*head, self._index.marks(1), *tail)
         if lost:
             self._search_lost(lost, self._blocks)
         return self._mosaic
@@ -576,8 +560,6 @@ def _searches(index: MotifIndex, brute_force: int) -> tuple[tuple, int]:
     `SEARCHED` nearest motifs in the bank's KD-tree where there is one; else by brute force in banks of up to
     `brute_force` values, or not at all (0: the caller searches). The tree's arrays (`kdtree.NO_TREE` for
     none) and that count."""
-    from momos import kdtree
-
     k, s = index.motifs.shape
     if index.tree is not None:
         return index.tree.arrays, min(SEARCHED, k)
