@@ -26,9 +26,9 @@ import time
 import torch
 
 import momos
-from momos.api import prepared_tensors
 from momos.apps.models import mlp
 from momos.blocks import to_blocks
+from momos.nn.parametrize import prepared_tensors
 
 SETTINGS = ((4, 0.05), (4, 0.01), (2, 0.05), (8, 0.1))
 SIZES = (1_000_000, 5_000_000, 25_000_000)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from momos.nn.parametrize import (
     is_sharded,
     latent,
     momos_of,
+    prepared_members,
     refresh_bank,
     register,
     whole,
@@ -45,7 +46,7 @@ def prepare(model: nn.Module, config: MoMosConfig, *, include: Iterable[Any] | N
     """
     if not isinstance(config, MoMosConfig):
         raise MoMosConfigError(f"config must be a MoMosConfig, got {type(config).__name__}")
-    if _members(model) or is_packed(model):
+    if prepared_members(model) or is_packed(model):
         raise MoMosStateError("model is already prepared or converted by momos; prepare it only once")
     if not inplace:
         model = copy.deepcopy(model)
@@ -176,21 +177,9 @@ def _check_global_agreement(names: list[str], chosen: dict[str, MoMosConfig],
             )
 
 
-def _members(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """Every MoMos-parametrized tensor of `model` in module order: (full name, module, tensor name)."""
-    found = []
-    for module_name, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for tensor_name, plist in module.parametrizations.items():
-            if any(isinstance(p, MoMosParametrization) for p in plist):
-                found.append((_join(module_name, tensor_name), module, tensor_name))
-    return found
-
-
 def _banks(model: nn.Module) -> list[tuple[MotifBank, list[Member]]]:
     """The banks of a prepared model with the tensors each serves, in module order."""
-    members = _members(model)
+    members = prepared_members(model)
     if not members:
         state = "converted" if is_packed(model) else "not prepared"
         raise MoMosStateError(f"model is {state}: call momos.prepare(model, config) first")
@@ -210,9 +199,3 @@ def _refuse_flat_sharding(model: nn.Module) -> None:
         raise MoMosStateError("model is wrapped in FullyShardedDataParallel (FSDP1), whose flat parameter shards "
                               "momos cannot read between forwards: shard it with FSDP2's "
                               "torch.distributed.fsdp.fully_shard instead")
-
-
-def prepared_tensors(model: nn.Module) -> Iterator[tuple[str, MoMosParametrization, torch.Tensor]]:
-    """``(name, parametrization, latent tensor)`` for every prepared tensor of `model`."""
-    for name, module, tensor_name in _members(model):
-        yield name, momos_of(module, tensor_name), latent(module, tensor_name)

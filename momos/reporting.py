@@ -9,6 +9,7 @@ from torch import nn
 
 from momos.errors import MoMosStateError
 from momos.nn.packed import index_bits, packed_tensors
+from momos.nn.parametrize import prepared_tensors
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,6 @@ class Report:
 
 def report(model: nn.Module) -> Report:
     """The per-tensor cost and error of a prepared or converted model (see `TensorReport`)."""
-    from momos.api import prepared_tensors  # api imports this module's siblings; keep the cycle lazy
-
     rows: list[tuple] = []  # name, bank key, bank name, shape, n, m, k, s, q, rmse
     packed = list(packed_tensors(model))
     if packed:

@@ -8,8 +8,8 @@ from torch import nn
 
 import momos
 from momos import MoMosConfig, MoMosConfigError, MoMosSelectionError, MoMosStateError, MoMosValueError
-from momos.api import prepared_tensors
 from momos.blocks import num_blocks, to_blocks
+from momos.nn.parametrize import prepared_tensors
 
 
 def _mlp(sizes=(13, 9, 5)):

@@ -17,9 +17,8 @@ from torch import nn
 
 import momos
 from momos import complexity
-from momos.api import prepared_tensors
 from momos.blocks import reconstruct, to_blocks
-from momos.nn.parametrize import MotifBank
+from momos.nn.parametrize import MotifBank, prepared_tensors
 from momos.runtime import Session
 from momos.search import assign
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from momos.errors import MoMosConfigError, MoMosValueError
-from momos.nn.packed import PACKED_ATTR
+from momos.nn.packed import members
 
 
 def trainable_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -42,9 +42,8 @@ def trainable_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
             for tensor_name, plist in module.parametrizations.items():
                 if any(p.requires_grad for p in plist.parameters()):
                     add(id(plist), prefix + tensor_name, lambda m=module, t=tensor_name: getattr(m, t))
-        if getattr(module.__class__, "__momos_packed_class__", False):
-            for tensor_name, packed in getattr(module, PACKED_ATTR).items():
-                add(id(packed), prefix + tensor_name, packed)
+        for tensor_name, packed in members(module).items():
+            add(id(packed), prefix + tensor_name, packed)
         for tensor_name, param in module.named_parameters(recurse=False):
             if param.requires_grad:
                 add(id(param), prefix + tensor_name, lambda p=param: p)

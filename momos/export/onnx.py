@@ -57,7 +57,6 @@ are one initializer, and the metadata stores each tensor's k and bits once per b
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -75,7 +74,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from momos.errors import MoMosExportError
-from momos.nn.packed import PACKED_ATTR, MotifTable, PackedTensor, index_bits, packed_tensors
+from momos.nn.packed import MotifTable, PackedTensor, dense_copy, index_bits, packed_tensors
 from momos.runtime import metadata as meta
 
 LAYOUTS = ("packed", "native")
@@ -118,7 +117,9 @@ def to_onnx(packed_model: nn.Module, example_inputs: torch.Tensor | Sequence[tor
     inputs = _check_inputs(packed_model, example_inputs)
     input_names = _names(input_names, len(inputs), "input")
 
-    dense = _dense_twin(packed_model)
+    # Decoded weights named by their fully-qualified names, which is how the decoders find them; on the CPU,
+    # since an ONNX file holds no device.
+    dense = dense_copy(packed_model).cpu().eval()
     try:
         program = torch.onnx.export(
             dense, tuple(x.cpu() for x in _batch_of_two(inputs)), dynamo=True, optimize=False, opset_version=opset,
@@ -218,25 +219,6 @@ def _names(names: Sequence[str] | None, count: int, stem: str) -> list[str]:
 def _batch_of_two(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Trace with batch 2: torch.export specialises a batch of 1 to a constant."""
     return tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in inputs)
-
-
-def _dense_twin(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose MoMos tensors are plain parameters holding the decoded values.
-
-    The exporter then names each one by its fully-qualified name, which is how the decoders find them. The twin
-    is on the CPU (an ONNX file holds no device), whatever device `model` is on.
-    """
-    twin = copy.deepcopy(model).cpu()
-    for module in twin.modules():
-        cls = module.__class__
-        if not getattr(cls, "__momos_packed_class__", False):
-            continue
-        decoded = {name: packed().detach() for name, packed in getattr(module, PACKED_ATTR).items()}
-        module.__class__ = cls.__bases__[0]
-        del module._modules[PACKED_ATTR]
-        for name, value in decoded.items():
-            module.register_parameter(name, nn.Parameter(value, requires_grad=False))
-    return twin.eval()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,7 +54,16 @@ from torch import nn
 
 from momos.config import MOTIF_DTYPES, MoMosConfig
 from momos.errors import MoMosConfigError, MoMosFormatError, MoMosStateError
-from momos.nn.packed import PACKED_ATTR, MotifTable, PackedTensor, attach, index_bits, mosaic_dtype, packed_tensors
+from momos.nn.packed import (
+    MotifTable,
+    PackedTensor,
+    attach,
+    index_bits,
+    is_packed,
+    mosaic_dtype,
+    packed_tensors,
+    unpacked_state,
+)
 
 FORMAT_MAGIC = "momos"
 FORMAT_VERSION = 1
@@ -523,9 +532,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, coding: str = "auto") -> 
                                   p.num_blocks, p.num_blocks * bank.block_size - p.numel, chosen, len(payload),
                                   zlib.crc32(payload), float(p.rmse)))
     dense = []
-    for key, value in model.state_dict().items():
-        if PACKED_ATTR in key.split("."):
-            continue
+    for key, value in unpacked_state(model).items():
         if ".parametrizations." in f".{key}":
             raise MoMosStateError(f"{key!r} is still parametrized: convert the whole model before momos.save")
         if not isinstance(value, torch.Tensor) or str(value.dtype).removeprefix("torch.") not in _DTYPES:
@@ -570,7 +577,7 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     raises `MoMosFormatError` (naming tensor and field, or listing the missing, unexpected and
     differently shaped tensors) and leaves `model` untouched.
     """
-    if any(PACKED_ATTR in key.split(".") or ".parametrizations." in f".{key}" for key in model.state_dict()):
+    if is_packed(model) or any(".parametrizations." in f".{key}" for key in model.state_dict()):
         raise MoMosStateError("momos.load needs a fresh, unprepared model of the saved architecture")
     with _open(path) as (info, read):
         _check_model(info, model)

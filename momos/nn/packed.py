@@ -19,6 +19,9 @@ from momos.blocks import num_blocks, reconstruct
 from momos.config import MoMosConfig
 from momos.errors import MoMosStateError
 
+__all__ = ["MotifTable", "PackedTensor", "dense_copy", "index_bits", "is_packed", "members", "mosaic_dtype",
+           "packed_tensors", "unpacked_state"]
+
 PACKED_ATTR = "momos_packed"
 
 _UINT_DTYPES = ((8, torch.uint8), (16, torch.uint16), (32, torch.uint32))
@@ -134,13 +137,42 @@ def attach(module: nn.Module, name: str, packed: PackedTensor) -> None:
     setattr(module.__class__, name, _packed_property(name))
 
 
+def members(module: nn.Module) -> dict[str, PackedTensor]:
+    """The packed tensors of `module` itself (not its children), by parameter name; empty if it has none."""
+    if not getattr(module.__class__, "__momos_packed_class__", False):
+        return {}
+    return dict(getattr(module, PACKED_ATTR).items())
+
+
 def packed_tensors(model: nn.Module) -> Iterator[tuple[str, PackedTensor]]:
     """``(fully-qualified tensor name, PackedTensor)`` for every packed tensor of `model`, in module order."""
     for module_name, module in model.named_modules():
-        if getattr(module.__class__, "__momos_packed_class__", False):
-            for name, packed in getattr(module, PACKED_ATTR).items():
-                yield (f"{module_name}.{name}" if module_name else name), packed
+        for name, packed in members(module).items():
+            yield (f"{module_name}.{name}" if module_name else name), packed
 
 
 def is_packed(model: nn.Module) -> bool:
+    """Whether `model` holds at least one packed MoMos tensor."""
     return any(True for _ in packed_tensors(model))
+
+
+def unpacked_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model`'s state dict without the packed tensors' own entries (their mosaics and motif tables)."""
+    return {key: value for key, value in model.state_dict().items() if PACKED_ATTR not in key.split(".")}
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` in which every packed tensor is a plain, frozen parameter holding its decoded values.
+
+    Each keeps its fully-qualified name, and the modules their own class again.
+    """
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        decoded = {name: packed().detach() for name, packed in members(module).items()}
+        if not decoded:
+            continue
+        module.__class__ = module.__class__.__bases__[0]
+        del module._modules[PACKED_ATTR]
+        for name, value in decoded.items():
+            module.register_parameter(name, nn.Parameter(value, requires_grad=False))
+    return twin

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -357,3 +357,21 @@ def refresh_bank(bank: MotifBank, members: list[Member]) -> tuple[BankStats, lis
     bank_stats = BankStats(bank.name, bank.num_motifs, bank.num_blocks, sum(t.distortion for t in tensor_stats),
                            sum(t.weights_changed for t in tensor_stats), usage, [t.name for t in tensor_stats])
     return bank_stats, tensor_stats
+
+
+def prepared_members(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """Every MoMos-parametrized tensor of `model` in module order: (full name, module, tensor name)."""
+    found = []
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name, plist in module.parametrizations.items():
+            if any(isinstance(p, MoMosParametrization) for p in plist):
+                found.append((f"{module_name}.{tensor_name}" if module_name else tensor_name, module, tensor_name))
+    return found
+
+
+def prepared_tensors(model: nn.Module) -> Iterator[tuple[str, MoMosParametrization, torch.Tensor]]:
+    """``(name, parametrization, latent tensor)`` for every prepared tensor of `model`."""
+    for name, module, tensor_name in prepared_members(model):
+        yield name, momos_of(module, tensor_name), latent(module, tensor_name)

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import momos
-from momos.api import prepared_tensors
 from momos.blocks import to_blocks
 from momos.errors import MoMosValueError
+from momos.nn.parametrize import prepared_tensors
 from momos.search import assign, incremental
 from momos.search.incremental import NEIGHBORS, SEARCHED, MosaicTracker, motif_index, search
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import momos
-from momos.api import prepared_tensors
 from momos.blocks import reconstruct, to_blocks
 from momos.nn import parametrize
+from momos.nn.parametrize import prepared_tensors
 
 
 class Odd(nn.Module):
