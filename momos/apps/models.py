@@ -14,6 +14,8 @@ from torch import nn
 
 from momos.errors import MoMosConfigError
 
+__all__ = ["MODELS", "ResNet", "ViT", "build", "mlp", "resnet", "vit"]
+
 
 def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 256, depth: int = 4) -> nn.Module:
     """Flatten, then `depth` hidden Linear+ReLU layers of width `hidden`, then a Linear head."""
@@ -104,7 +106,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": mlp, "cnn": resnet, "vit":
 
 
 def build(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """The reference model `name` ("mlp", "cnn", "vit") for inputs of `input_shape` (no batch dimension)."""
+    """The reference model `name` ("mlp", "cnn", "vit") for inputs of `input_shape` (no batch dimension).
+
+    Raises:
+        MoMosConfigError: an unknown `name`, or a "cnn" or "vit" for inputs that are not images.
+    """
     if name not in MODELS:
         raise MoMosConfigError(f"model must be one of {sorted(MODELS)}, got {name!r}")
     if name != "mlp" and len(input_shape) != 3:

@@ -19,11 +19,15 @@ from tqdm.auto import tqdm
 from momos.apps.data import Dataset
 from momos.errors import MoMosConfigError
 
+__all__ = ["OPTIMIZERS", "EpochRecord", "History", "evaluate", "fit", "make_optimizer", "split_batches", "train_step"]
+
 OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
 class EpochRecord:
+    """What one epoch of `fit` did: its loss, test accuracy, time and last refresh."""
+
     epoch: int
     train_loss: float
     test_accuracy: float
@@ -34,11 +38,14 @@ class EpochRecord:
 
 @dataclass
 class History:
+    """The record of a `fit`: one `EpochRecord` per epoch and every refresh."""
+
     epochs: list[EpochRecord] = field(default_factory=list)
     refreshes: list[tuple[int, float]] = field(default_factory=list)  # (optimizer step, distortion)
 
     @property
     def final_accuracy(self) -> float:
+        """The test accuracy after the last epoch (NaN before any)."""
         return self.epochs[-1].test_accuracy if self.epochs else math.nan
 
 
@@ -74,7 +81,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: to
 
 def make_optimizer(model: nn.Module, name: str = "adamw", lr: float | None = None,
                    weight_decay: float | None = None) -> torch.optim.Optimizer:
-    """The reference code's optimizers: AdamW lr 3e-4 wd 1e-2, or SGD lr 0.1 momentum 0.9 wd 1e-4."""
+    """The reference code's optimizers: AdamW lr 3e-4 wd 1e-2, or SGD lr 0.1 momentum 0.9 wd 1e-4.
+
+    `lr` and `weight_decay` override the defaults; `MoMosConfigError` for a `name` not in `OPTIMIZERS`.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=3e-4 if lr is None else lr,
@@ -88,7 +98,20 @@ def make_optimizer(model: nn.Module, name: str = "adamw", lr: float | None = Non
 def fit(model: nn.Module, data: Dataset, *, epochs: int, refresh: str | int | None = None,
         optimizer: str = "adamw", lr: float | None = None, weight_decay: float | None = None,
         batch_size: int = 64, seed: int = 0, progress: bool = False, desc: str = "train") -> History:
-    """Train `model` on `data` with a cosine schedule and the given refresh schedule; returns the history."""
+    """Train `model` on `data` with a cosine schedule and the given refresh schedule; returns the history.
+
+    Args:
+        model: a dense or prepared model, trained in place.
+        data: the train/test split; test accuracy is measured after each epoch.
+        epochs: passes over the training set.
+        refresh: ``None``, ``"epoch"``, ``"step"`` or every N steps (see the module doc).
+        optimizer: one of `OPTIMIZERS`, with `lr` and `weight_decay` as in `make_optimizer`.
+        batch_size: samples per step; `seed` seeds the batch order.
+        progress: show a progress bar labelled `desc`.
+
+    Raises:
+        MoMosConfigError: `epochs` or `refresh` out of range, or an unknown `optimizer`.
+    """
     from momos.api import refresh as do_refresh
 
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:

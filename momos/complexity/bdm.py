@@ -11,8 +11,8 @@ plus one, as in pybdm. Here each block is packed into one integer, the distinct 
 Saturation. For 1-D binary data there are only 4096 distinct 12-bit blocks. Sign data of a model that is
 not degenerate shows every one of them after a few hundred thousand weights; from then on the CTM half of
 BDM is the same constant for every model and only ``sum(log2 count)`` over a full histogram varies, so the
-ratio of two models of the same size tends to 1 (0.9999 measured on a 22.7M-parameter transformer against
-its initialization). `BlockCounts.saturated` says when this happens; per-tensor BDM, block entropy and the
+ratio of two models of the same size tends to 1 (a pretrained transformer against its initialization:
+docs/benchmarks.md, BDM). `BlockCounts.saturated` says when this happens; per-tensor BDM, block entropy and the
 compressor proxies (`momos.complexity.compressed_bits`) keep resolving differences there.
 """
 
@@ -30,6 +30,9 @@ from torch import nn
 
 from momos.complexity.payload import model_symbols, to_symbols, trainable_tensors
 from momos.errors import MoMosConfigError, MoMosDependencyError, MoMosValueError
+
+__all__ = ["BLOCK_SHAPES", "CTM_DATASETS", "PARTITIONS", "BlockCounts", "CTMTable", "bdm", "block_counts",
+           "block_entropy", "count_blocks", "ctm_table", "per_tensor_bdm", "ratio"]
 
 # (ndim, symbols) -> pybdm's CTM dataset; the block shape is in the name.
 CTM_DATASETS = {
@@ -79,6 +82,7 @@ class CTMTable:
 
     @property
     def block_length(self) -> int:
+        """Symbols in one block (12, or 16 for 4x4)."""
         return math.prod(self.shape)
 
     @property
@@ -97,7 +101,12 @@ class CTMTable:
 
 @functools.cache
 def ctm_table(ndim: int, symbols: int) -> CTMTable:
-    """pybdm's CTM dataset for `ndim` and `symbols`, converted once per process."""
+    """pybdm's CTM dataset for `ndim` and `symbols`, converted once per process.
+
+    Raises:
+        MoMosConfigError: no pybdm table for `ndim` and `symbols` (see `CTM_DATASETS`).
+        MoMosDependencyError: pybdm is missing or cannot be imported.
+    """
     name = _dataset_name(ndim, symbols)
     shape = BLOCK_SHAPES[ndim]
     ctm, missing = _pybdm().utils.get_ctm_dataset(name)
@@ -183,10 +192,12 @@ class BlockCounts:
 
     @property
     def num_blocks(self) -> int:
+        """Complete blocks counted."""
         return int(self.counts.sum())
 
     @property
     def distinct(self) -> int:
+        """Distinct blocks among them."""
         return len(self.codes)
 
     @property
@@ -287,6 +298,11 @@ def bdm(x: Any, symbols: int = 2, ndim: int = 1, *, normalized: bool = False,
     Floats are sign-binarized for ``symbols=2`` and quantile-binned for more; integers are symbols.
     ``partition="recursive"`` (pybdm's PartitionRecursive, which also measures the leftover) is computed
     by pybdm itself: the fast path covers the paper's ``"ignore"`` partition only.
+
+    Raises:
+        MoMosConfigError: an unknown `partition`, or no pybdm table for `ndim` and `symbols`.
+        MoMosValueError: no complete block to measure.
+        MoMosDependencyError: pybdm is missing or cannot be imported.
     """
     if partition not in PARTITIONS:
         raise MoMosConfigError(f"partition must be one of {list(PARTITIONS)}, got {partition!r}")

@@ -23,6 +23,10 @@ from torch import nn
 from momos.errors import MoMosConfigError, MoMosStateError
 from momos.nn.packed import index_bits, packed_tensors
 
+__all__ = ["BANK_ALIGNMENT_BITS", "BANK_HEADER_FIELDS", "HEADER_FIELD_BITS", "TENSOR_HEADER_FIELDS", "BankDescription",
+           "DescriptionLength", "approximate_dense_ratio", "canonical_mosaic", "dense_ratio", "description_bits",
+           "description_length", "header_bits", "mosaic_matrix", "num_components", "stirling2", "subspace_dimension"]
+
 # ζ: the decoder reads fixed-width 64-bit header fields (per bank k, s and the motif dtype; per tensor its
 # bank, its number of dimensions and each dimension) and each bank's mosaics as one byte-aligned stream
 # (up to 8 bits of alignment per bank). It depends on the architecture, never on n.
@@ -137,6 +141,7 @@ class BankDescription:
 
     @property
     def bits(self) -> int:
+        """The bank's description: table plus mosaics."""
         return self.table_bits + self.mosaic_bits
 
     @property
@@ -146,6 +151,7 @@ class BankDescription:
 
     @property
     def ratio(self) -> float:
+        """`bits` / `dense_bits`."""
         return self.bits / self.dense_bits
 
 
@@ -163,13 +169,16 @@ class DescriptionLength:
 
     @property
     def dense_bits(self) -> int:
+        """The banks' weights stored densely at their motif precision."""
         return sum(b.dense_bits for b in self.banks)
 
     @property
     def ratio(self) -> float:
+        """`bits` / `dense_bits`."""
         return self.bits / self.dense_bits
 
     def to_dict(self) -> dict:
+        """Plain JSON-serialisable data, with each bank's and the totals' bits, dense bits and ratio."""
         banks = [asdict(b) | {"bits": b.bits, "dense_bits": b.dense_bits, "ratio": b.ratio}
                  for b in self.banks]
         return {"banks": banks, "header_bits": self.header_bits, "bits": self.bits,
@@ -181,6 +190,9 @@ def description_length(packed_model: nn.Module) -> DescriptionLength:
 
     Each bank counts ``k*s*q + m*ceil(log2 k)`` with q its motif dtype's bits and m the blocks of all its
     tensors; ζ (`header_bits`) is added once. Tensors not under MoMos are not counted.
+
+    Raises:
+        MoMosStateError: `packed_model` has no packed MoMos tensor.
     """
     packed = list(packed_tensors(packed_model))
     if not packed:

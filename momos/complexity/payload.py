@@ -17,6 +17,8 @@ from torch.nn.utils import parametrize
 from momos.errors import MoMosConfigError, MoMosValueError
 from momos.nn.packed import members
 
+__all__ = ["float_bytes", "model_symbols", "sign_bits", "to_symbols", "trainable_tensors"]
+
 
 def trainable_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """``(fully-qualified name, tensor)`` for every trainable parameter of `model`, as the model computes it.
@@ -66,6 +68,10 @@ def to_symbols(x: Any, symbols: int) -> np.ndarray:
     A float array is binarized by sign (``x > 0`` -> 1) for ``symbols=2`` and cut at its quantiles
     ``i/symbols`` (``i = 1..symbols-1``; symbol = number of cut points ``<= x``) for more symbols. A bool
     array is 0/1. An integer array is taken as symbols and must lie in ``0..symbols-1``.
+
+    Raises:
+        MoMosValueError: NaN or Inf values, or integer symbols out of range.
+        MoMosConfigError: a dtype that is neither float, bool nor integer.
     """
     a = as_array(x)
     if a.dtype == np.bool_:
@@ -88,7 +94,11 @@ def to_symbols(x: Any, symbols: int) -> np.ndarray:
 
 
 def model_symbols(model: nn.Module, symbols: int) -> np.ndarray:
-    """The paper's payload: all trainable tensors flattened, concatenated, then turned into symbols."""
+    """The paper's payload: all trainable tensors flattened, concatenated, then turned into symbols.
+
+    Raises:
+        MoMosValueError: `model` has no trainable parameter, or one holds NaN or Inf values.
+    """
     tensors = trainable_tensors(model)
     if not tensors:
         raise MoMosValueError("model has no trainable parameter to measure")

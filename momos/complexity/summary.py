@@ -20,6 +20,8 @@ from momos.complexity.compress import CODECS, PAYLOADS, compressed_bits
 from momos.complexity.payload import trainable_tensors
 from momos.errors import MoMosConfigError
 
+__all__ = ["ComplexitySummary", "Measures", "TensorRow", "measures", "summary"]
+
 
 @dataclass(frozen=True)
 class Measures:
@@ -73,6 +75,7 @@ class ComplexitySummary:
         return _ratios(self.model, self.dense)
 
     def to_dict(self) -> dict:
+        """Plain JSON-serialisable data: every measure, both ratios and the per-tensor rows."""
         return {"model": asdict(self.model), "initial": asdict(self.initial) if self.initial else None,
                 "dense": asdict(self.dense) if self.dense else None,
                 "trained_over_initial": self.trained_over_initial, "momos_over_dense": self.momos_over_dense,
@@ -112,7 +115,11 @@ class ComplexitySummary:
 
 def measures(model: nn.Module, codecs: Sequence[str] = tuple(CODECS),
              payloads: Sequence[str] = ("sign",)) -> Measures:
-    """The measures of `model`'s paper payload; compressors for each codec and payload asked for."""
+    """The measures of `model`'s paper payload; compressors for each codec and payload asked for.
+
+    Raises:
+        MoMosConfigError: an unknown codec or payload.
+    """
     for codec in codecs:
         if codec not in CODECS:
             raise MoMosConfigError(f"codec must be one of {list(CODECS)}, got {codec!r}")
@@ -135,6 +142,9 @@ def summary(model: nn.Module, initial: nn.Module | None = None, dense: nn.Module
 
     Compressors run on the sign bits by default; add ``"float"`` to `payloads` for the float32 bytes
     (slow for lzma on large models). See the module docstring for when the global BDM saturates.
+
+    Raises:
+        MoMosConfigError: an unknown codec (see `CODECS`) or payload.
     """
     own = per_tensor_bdm(model)
     initial_rows = per_tensor_bdm(initial) if initial is not None else {}

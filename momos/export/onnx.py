@@ -19,28 +19,24 @@ One motif initializer per bank (one for the whole model in global scope). Mosaic
 Motif lookups (``motif_lookup``):
 
 - ``"gather"`` (default): the motif initializer is (k, s) and one ``Gather(axis=0)`` copies a row per
-  index. onnxruntime's Gather costs about 9 ns per index on a cached table whatever the row width.
+  index; onnxruntime's Gather costs the same per index whatever the row width.
 - ``"planes"``: the motif initializer is stored transposed, (s, k), and ``ai.onnx.ml.ArrayFeatureExtractor``
-  looks each index up in the s planes (a plain element loop, about 4x faster than Gather on the digits
-  MLP), then a Transpose restores (m, s). A weight whose only consumer is ``Gemm(A, W, transB=1)``
+  looks each index up in the s planes (a plain element loop, cheaper than Gather's per-index copy), then
+  a Transpose restores (m, s). A weight whose only consumer is ``Gemm(A, W, transB=1)``
   (nn.Linear) skips that Transpose: its mosaic is stored in block-column order (index of block (o, q)
   at ``q * out + o``), so the planes reshape straight to a (in, out) matrix with rows ordered (c, q),
   and the Gemm takes ``transB=0`` and its input A with columns permuted the same way (Reshape,
   Transpose, Reshape of the activations). Same file size; for compact sessions only: onnxruntime's
   ConstantFolding does not fold ai.onnx.ml ops, so a "planes" file decodes at every run even when
-  loaded with ``weights="folded"`` (measured: folded = compact latency). Export with "gather" for folding.
+  loaded with ``weights="folded"``, at compact latency. Export with "gather" for folding.
 
-Why "gather" stays the default although compact runs miss 5x dense (measured on one 1024x1024 Linear,
-k = 13107, batch 1, 2 cores; dense 0.3 ms): Gather costs the same with int32 or int64 indices (9.2 vs
-9.4 ns per index) and GatherND no less (10x dense with native mosaics); the only faster standard op
-is ``GatherElements(axis=1)`` over (s, k) planes with the indices Expanded to (s, m): 8.1x with a
-Transpose back to (m, s), 7.4x for a Linear weight with a block-row transpose, against 11x for Gather
-(packed mosaics). Made the default for tensors of 16K+ blocks, it took the digits MLP from 16.4x to
-12.3x but the 10M MLP from 27x to 32x (a 2 MB table outgrows the 1 MB L2: four plane misses per
-block instead of one row miss, and the (s, m) Transpose moves 40 MB) and cost the digits file 500
-bytes of nodes (its size goal's whole margin). The floor with packed mosaics: the unpack alone is
-about 2.2x dense (six elementwise passes over the indices), the "planes" lookup 5.8x in all
-(native mosaics 3.6x); numpy's ``take`` of the rows would be 1.2x.
+Why "gather" stays the default although compact runs are several times slower than dense: no standard
+op looks rows up much faster. Gather costs the same with int32 or int64 indices, and GatherND no less;
+``GatherElements(axis=1)`` over (s, k) planes with the indices expanded to (s, m) is faster on small
+tables but slower on large ones, whose planes outgrow the L2 cache (four plane misses per block instead
+of one row miss, and an (s, m) Transpose of the whole mosaic), and its nodes cost a small file its size
+margin. The unpack of packed mosaics alone, six elementwise passes over the indices, already costs more
+than a dense run. The measurements: docs/benchmarks.md (ONNX compact lookups).
 
 How folding is prevented: the model is exported by ``torch.onnx.export(dynamo=True, optimize=False)``
 with dense stand-ins for the MoMos tensors (named by their fully-qualified names), the stand-ins are
@@ -49,10 +45,10 @@ while the mosaic and motif initializers are hidden from it as graph inputs, so n
 them can be folded; they become initializers again before saving. onnxruntime folds them at load time
 only when asked to (``momos.runtime.load(path, weights="folded")``).
 
-Everything but the payload counts against the file-size goal, and on a small model (the digits MLP: ten
-tensors, 125 KB of payload) the graph's own bytes were 6% of the file. So the file carries no exporter
-provenance, node names or default-valued attributes, decoder values have short names, equal constants
-are one initializer, and the metadata stores each tensor's k and bits once per bank.
+Everything but the payload counts against the file-size goal, and on a small model the graph's own bytes
+are a visible share of the file (docs/benchmarks.md). So the file carries no exporter provenance, node
+names or default-valued attributes, decoder values have short names, equal constants are one
+initializer, and the metadata stores each tensor's k and bits once per bank.
 """
 
 from __future__ import annotations
@@ -77,6 +73,9 @@ from momos.errors import MoMosExportError
 from momos.nn.packed import MotifTable, PackedTensor, dense_copy, index_bits, packed_tensors
 from momos.runtime import metadata as meta
 
+__all__ = ["DEFAULT_OPSET", "LAYOUTS", "LOOKUPS", "MIN_OPSET", "pack_indices", "require_runtime", "to_onnx",
+           "unpack_indices"]
+
 LAYOUTS = ("packed", "native")
 LOOKUPS = ("gather", "planes")
 _ML_DOMAIN, _ML_OPSET = "ai.onnx.ml", 3
@@ -99,13 +98,26 @@ def to_onnx(packed_model: nn.Module, example_inputs: torch.Tensor | Sequence[tor
             motif_lookup: str = "gather") -> onnx.ModelProto:
     """Write `packed_model` (the result of `momos.convert`) to `path` as ONNX and return the model proto.
 
-    `example_inputs` are the positional tensor inputs of one forward call; dimension 0 of each is
-    exported as a dynamic batch dimension. Inputs are named `input_names` (default ``input``, or
-    ``input_0, input_1, ...``), outputs `output_names` (default ``output``/``output_i``). The file passes
-    onnx.checker, carries the lowest IR version that holds `opset`, and is checked to load in the
-    installed onnxruntime. `motif_lookup` picks the decode op ("gather" or "planes", see the module doc).
-    Raises `MoMosExportError` for a model that is not converted, inputs that do
-    not fit its forward, or an opset/IR this onnxruntime cannot read.
+    The file passes onnx.checker, carries the lowest IR version that holds `opset`, and is checked to load
+    in the installed onnxruntime.
+
+    Args:
+        packed_model: a converted model.
+        example_inputs: the positional tensor inputs of one forward call; dimension 0 of each is exported
+            as a dynamic batch dimension.
+        path: where to write the file.
+        mosaic_layout: how mosaics are stored, one of `LAYOUTS` (see the module doc).
+        input_names: the inputs' names (default ``input``, or ``input_0, input_1, ...``).
+        output_names: the outputs' names (default ``output``, or ``output_0, output_1, ...``).
+        opset: the ONNX opset, at least `MIN_OPSET`.
+        motif_lookup: the decode op, one of `LOOKUPS` (see the module doc).
+
+    Returns:
+        The model proto written.
+
+    Raises:
+        MoMosExportError: a model that is not converted, inputs that do not fit its forward, an invalid
+            argument, or an opset/IR this onnxruntime cannot read.
     """
     if mosaic_layout not in LAYOUTS:
         raise MoMosExportError(f"mosaic_layout must be one of {list(LAYOUTS)}, got {mosaic_layout!r}")

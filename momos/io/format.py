@@ -23,8 +23,8 @@ Codings of a mosaic of m indices of b = ceil(log2 k) bits each:
 - ``"packed"``: index i occupies bits ``[i*b, (i+1)*b)`` of the payload, least significant bit first;
   ``ceil(m*b/8)`` bytes, unused high bits of the last byte zero. k = 1 needs 0 bits and 0 bytes.
 - ``"zstd"``: zstd (level 19, content size in the frame) over the byte planes of the indices (all
-  lowest bytes, then all next bytes, ...; ``ceil(b/8)`` planes). Measured on the digits MLP this beat
-  zstd over the packed bits and over interleaved little-endian indices (see benchmarks/size.py).
+  lowest bytes, then all next bytes, ...; ``ceil(b/8)`` planes), which codes smaller than zstd over the
+  packed bits or over interleaved little-endian indices (docs/benchmarks.md, file size).
 
 ``save(coding="auto")`` keeps whichever is smaller per tensor. Every entry carries the CRC-32 of its
 bytes, so any flipped byte is caught on load. `load` checks the container, every header field's type
@@ -65,6 +65,10 @@ from momos.nn.packed import (
     unpacked_state,
 )
 
+__all__ = ["CODINGS", "FORMAT_MAGIC", "FORMAT_VERSION", "MAX_INDEX_BITS", "METADATA_KEY", "ZSTD_LEVEL", "BankInfo",
+           "DenseInfo", "FileInfo", "TensorInfo", "decode_mosaic", "encode_mosaic", "inspect", "load", "pack_bits",
+           "save", "unpack_bits"]
+
 FORMAT_MAGIC = "momos"
 FORMAT_VERSION = 1
 METADATA_KEY = "momos"
@@ -90,7 +94,11 @@ _NUMPY_INDEX = {torch.uint8: np.uint8, torch.uint16: np.uint16, torch.uint32: np
 # Mosaic codings: pure functions on numpy arrays.
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
-    """`values` (1-D, each < 2**bits) at exactly `bits` bits each, LSB first; ``ceil(len*bits/8)`` bytes."""
+    """`values` (1-D, each < 2**bits) at exactly `bits` bits each, LSB first; ``ceil(len*bits/8)`` bytes.
+
+    Raises:
+        ValueError: `bits` outside ``0..MAX_INDEX_BITS``, or `values` not 1-D or out of range.
+    """
     if not 0 <= bits <= MAX_INDEX_BITS:
         raise ValueError(f"bits must be in 0..{MAX_INDEX_BITS}, got {bits}")
     values = np.asarray(values)
@@ -157,7 +165,11 @@ def _from_planes(data: bytes, count: int, bits: int) -> np.ndarray:
 
 
 def encode_mosaic(indices: np.ndarray, bits: int, coding: str) -> bytes:
-    """The payload of a mosaic under `coding` (one of `CODINGS`)."""
+    """The payload of a mosaic of `bits`-bit `indices` under `coding` (one of `CODINGS`).
+
+    Raises:
+        MoMosConfigError: an unknown `coding`.
+    """
     if coding == "packed":
         return pack_bits(indices, bits)
     if coding == "zstd":
@@ -202,6 +214,7 @@ class BankInfo:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the motif table in the file."""
         return self.num_motifs * self.block_size * MOTIF_DTYPES[self.motif_dtype] // 8
 
 
@@ -235,6 +248,7 @@ class DenseInfo:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensor in the file."""
         return math.prod(self.shape) * _DTYPES[self.dtype][0].itemsize
 
 
@@ -250,6 +264,7 @@ class FileInfo:
     dense: list[DenseInfo]
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable data, with each bank's and dense tensor's `nbytes` (a non-finite rmse as None)."""
         out = asdict(self)
         for bank, row in zip(self.banks, out["banks"], strict=True):
             row["nbytes"] = bank.nbytes
@@ -489,7 +504,11 @@ def _crc(tensor: torch.Tensor) -> int:
 
 
 def inspect(path: str | os.PathLike) -> FileInfo:
-    """The validated header of a .momos file (config, banks, tensors, k, bits, codings, sizes); reads no weights."""
+    """The validated header of a .momos file (config, banks, tensors, k, bits, codings, sizes); reads no weights.
+
+    Raises:
+        MoMosFormatError: `path` is not a valid .momos file; the message names the field at fault.
+    """
     with _open(path) as (info, _):
         return info
 
@@ -502,6 +521,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, coding: str = "auto") -> 
 
     `coding` is ``"packed"`` (bit-packed mosaics), ``"zstd"``, or ``"auto"`` (the smaller per tensor).
     Returns the header written. A failure leaves any previous file at `path` as it was.
+
+    Raises:
+        MoMosConfigError: an unknown `coding`.
+        MoMosStateError: `model` is not (wholly) converted, or holds a state_dict entry a file cannot store.
     """
     if coding not in (*CODINGS, "auto"):
         raise MoMosConfigError(f"coding must be one of {[*CODINGS, 'auto']}, got {coding!r}")
@@ -575,7 +598,8 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
 
     Everything is validated before `model` changes: a malformed file or a model that does not match it
     raises `MoMosFormatError` (naming tensor and field, or listing the missing, unexpected and
-    differently shaped tensors) and leaves `model` untouched.
+    differently shaped tensors) and leaves `model` untouched; a prepared or converted `model` raises
+    `MoMosStateError`.
     """
     if is_packed(model) or any(".parametrizations." in f".{key}" for key in model.state_dict()):
         raise MoMosStateError("momos.load needs a fresh, unprepared model of the saved architecture")

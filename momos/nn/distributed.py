@@ -37,12 +37,17 @@ from torch import nn
 from momos.errors import MoMosStateError
 from momos.nn.parametrize import MoMosParametrization, MotifBank
 
+__all__ = ["exclude_from_ddp_sync"]
+
 
 def exclude_from_ddp_sync(model: nn.Module) -> list[str]:
     """Keep DistributedDataParallel from broadcasting MoMos's buffers; call it before wrapping `model`.
 
     Adds the buffers of every bank and parametrization to ``model._ddp_params_and_buffers_to_ignore``
     (DDP's own mechanism; names already there are kept) and returns the names added.
+
+    Raises:
+        MoMosStateError: `model` has no MoMos buffers (it was not prepared).
     """
     names = [name for module_name, module in model.named_modules()
              if isinstance(module, (MotifBank, MoMosParametrization))

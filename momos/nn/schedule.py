@@ -15,6 +15,8 @@ from momos.api import refresh
 from momos.errors import MoMosConfigError
 from momos.nn.parametrize import RefreshStats
 
+__all__ = ["RefreshHook", "refresh_every"]
+
 
 @dataclass
 class RefreshHook:
@@ -32,7 +34,19 @@ class RefreshHook:
 
 
 def refresh_every(model: nn.Module, optimizer: torch.optim.Optimizer, steps: int = 1) -> RefreshHook:
-    """Refresh `model` after every `steps`-th `optimizer.step()`; returns a handle to read stats or remove it."""
+    """Refresh `model` after every `steps`-th `optimizer.step()`.
+
+    Args:
+        model: a prepared model (or its DDP wrapper).
+        optimizer: the optimizer whose steps are counted.
+        steps: optimizer steps per refresh (1: the paper's schedule).
+
+    Returns:
+        The `RefreshHook`: the latest stats, the history, and `remove` to stop.
+
+    Raises:
+        MoMosConfigError: `steps` is not an integer >= 1.
+    """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise MoMosConfigError(f"steps must be an integer >= 1, got {steps!r}")
     hook = RefreshHook(steps)

@@ -15,6 +15,8 @@ import onnxruntime as ort
 
 from momos.errors import MoMosFormatError
 
+__all__ = ["BANKS", "CONFIGS", "KEYS", "LAYOUT", "OPSET", "TENSORS", "TENSOR_FIELDS", "VERSION", "ModelInfo", "inspect"]
+
 VERSION = "momos.version"
 LAYOUT = "momos.mosaic_layout"
 OPSET = "momos.opset"
@@ -69,7 +71,14 @@ class ModelInfo:
 
 
 def inspect(path: str | os.PathLike) -> ModelInfo:
-    """Read the momos metadata of the ONNX file at `path`; `MoMosFormatError` if it was not written by momos."""
+    """Read the momos metadata of the ONNX file at `path`; no weight is decoded.
+
+    Returns:
+        The file's `ModelInfo`.
+
+    Raises:
+        MoMosFormatError: `path` is not an ONNX file, or one not written by momos, or its metadata is malformed.
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:

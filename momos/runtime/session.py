@@ -7,13 +7,13 @@
   few decoded tensors are alive at once).
 
 onnxruntime's CPU memory arena stays on by default for both policies. ``arena=False`` trades latency for
-memory in compact sessions: the decoded tensors are then allocated afresh at each run (10M-parameter MLP,
-packed mosaics with the "planes" lookup, 2 threads: 12,400 page faults and 28 ms of system time per run
-instead of 2,600 and 2 ms; 50 ms instead of 33 ms per batch-1 run; resident 28 instead of 40 MiB).
+memory in compact sessions: the decoded tensors are then allocated afresh at each run, which costs page
+faults and system time at every run but keeps less resident.
 
 Loading a session frees its scratch: folding decodes every weight through int32 indices and gathered
 blocks, and glibc keeps those freed pages in the heap; the session returns them to the system after
-load (``malloc_trim``), which took a folded 10M-parameter MLP from 179 MiB resident to 49 MiB (dense: 49).
+load (``malloc_trim``), so a folded session stays about as resident as a dense one. The figures of both:
+docs/benchmarks.md (ONNX file overhead and sessions).
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import numpy as np
 import onnxruntime as ort
 
 from momos.errors import MoMosFormatError
+
+__all__ = ["WEIGHTS", "Session", "load", "release_free_memory"]
 
 WEIGHTS = ("folded", "compact")
 
@@ -68,8 +70,20 @@ class Session:
         return self._session.get_session_options()
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Run once on `feeds` (every input by name); returns ``{output name: array}`` for `outputs` (default all)."""
-        # A small model runs in ~30 us at batch 1, so onnxruntime checks the call and this only explains a refusal.
+        """Run the model once.
+
+        Args:
+            feeds: an array for every input, by name.
+            outputs: the outputs wanted (default all).
+
+        Returns:
+            ``{output name: array}`` for the outputs wanted.
+
+        Raises:
+            MoMosFormatError: onnxruntime refused the call; the message names the input, output or shape at fault.
+        """
+        # A small model's run is short next to checks in Python, so onnxruntime checks the call and this only
+        # explains a refusal.
         wanted = self.output_names if outputs is None else list(outputs)
         try:
             results = self._session.run(wanted, feeds)
@@ -94,7 +108,11 @@ class Session:
 
 def load(path: str | os.PathLike, weights: str = "folded", *, threads: int | None = None,
          arena: bool = True) -> Session:
-    """Open the momos ONNX file at `path` with weight policy `weights` ("folded" or "compact"); see `Session`."""
+    """Open the momos ONNX file at `path` with weight policy `weights` ("folded" or "compact"); see `Session`.
+
+    Raises:
+        MoMosFormatError: an unknown policy, or a file onnxruntime cannot load.
+    """
     return Session(path, weights, threads=threads, arena=arena)
 
 

@@ -2,8 +2,8 @@
 
 `momos.search.incremental` defines what is computed and holds the torch version, which serves every other
 device. The loops here do the same block by block in one compiled pass instead of a hundred whole-array
-torch operations, whose dispatch, not their arithmetic, was the cost of a step (17 ms against a 2.4 ms
-dense step on the MLP 64-256x4-10). Every distance is `momos.search.assign`'s D (float64, coordinate by coordinate),
+torch operations, whose dispatch, not their arithmetic, would dominate a step (docs/benchmarks.md,
+the STE tracker). Every distance is `momos.search.assign`'s D (float64, coordinate by coordinate),
 ties go to the lowest index and every bound keeps the same margin, so the mosaic is the same bit for bit.
 
 One thing only the compiled path has: a block that must be searched again is searched among the
@@ -13,9 +13,8 @@ KD-tree, `enlist`; any other list is built on first use by brute force over the 
 distance r from motif c has every motif that is not on c's list at least ``reach(c) - r`` away, which
 usually proves the nearest on the list. A block it does not prove (far from every motif) is searched among
 its `SEARCHED` nearest motifs: in the bank's KD-tree where there is one (`momos.search.kdtree`, from a heap of the
-list's nearest: 8-9 us against 13-15 us by brute force over the benchmark's 2,707 motifs), else by brute
-force in small banks; the rest are left to the caller (`MosaicTracker`), which searches them the torch way
-(many motifs tie).
+list's nearest, whose distances prune most of the tree), else by brute force in small banks; the rest are
+left to the caller (`MosaicTracker`), which searches them the torch way (many motifs tie).
 
 The inner loops run over a row's motifs with no branch and no division check (numba's numpy error
 model: a zero spacing gives inf or nan, replaced right after), so LLVM vectorizes them; the rows of a
@@ -49,7 +48,7 @@ _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 # the box's distance (~1e-15 relative), so a skipped motif is never as near as the worst motif kept.
 _PRUNE_SLACK = 1e-9
 # Queries of up to this many motifs start from the previous query's answer: for more, the heap fills
-# faster from the query's own leaf (129 motifs a query: 50 against 62 ms on 2,707 motifs).
+# faster from the query's own leaf.
 _WARM_COUNT = 24
 
 
@@ -57,7 +56,7 @@ _WARM_COUNT = 24
 def _distance(x, i, z, j):
     """D(x_i, z_j): float64, summed coordinate by coordinate. Blocks of 4 (the default) are spelled out:
     a loop over a length unknown at compile time keeps LLVM from vectorizing the loops over motifs around
-    it, which made a search 2-3x slower."""
+    it."""
     if x.shape[1] == 4:
         a, b = float(x[i, 0]) - float(z[j, 0]), float(x[i, 1]) - float(z[j, 1])
         c, e = float(x[i, 2]) - float(z[j, 2]), float(x[i, 3]) - float(z[j, 3])
@@ -151,7 +150,7 @@ def _build(z, leaf_size):
         count += 2
     points = np.empty((k, s))
     for t in range(k):
-        for c in range(s):  # element by element: a row assignment took numba 3.5 s more to compile
+        for c in range(s):  # element by element: numba compiles a row assignment much more slowly
             points[t, c] = z[order[t], c]
     return first[:count], end[:count], axis[:count], split[:count], left[:count], right[:count], order, points, \
         depth, largest
@@ -322,8 +321,8 @@ def _smallest(values, n, wanted, order, minima):
             if values[j] < math.inf:
                 kept = _rank(values, j, order, kept, wanted)
         return kept
-    # Only the values within `_within` are ranked, listed first in one branch-free pass (ranking all 128 of a
-    # list, a branch each, cost 1.5 us of a 3 us search).
+    # Only the values within `_within` are ranked, listed first in one branch-free pass: ranking every value of
+    # a list, a branch each, would dominate the search.
     within = _within(values, n, wanted, minima)
     ranked, count = order[n:], 0
     for j in range(n):

@@ -9,7 +9,7 @@ difference is exact in float64 and each square and sum is rounded relative to th
 this is the true nearest motif except between two distances that agree to ~1e-15 relative; and it is the
 same function whichever engine computes it, bit for bit.
 
-Engines (`ENGINES`), chosen per ``(s, k, m)`` by `choose_engine` from measurements on a 2-core CPU:
+Engines (`ENGINES`), chosen per ``(s, k, m)`` by `choose_engine` (its timings: docs/benchmarks.md):
 
 - ``"torch"``: chunked brute force of D itself, O(m k s), no setup cost; the choice for small ``m * k``
   or small banks, and faiss's fallback.
@@ -18,10 +18,10 @@ Engines (`ENGINES`), chosen per ``(s, k, m)`` by `choose_engine` from measuremen
   near-linear in model size at fixed capacity.
 - ``"faiss"``: faiss ``IndexFlatL2`` brute force with BLAS in float32, O(m k s); the choice for small
   banks of s 5-8 and for larger s, where a KD-tree degrades towards brute force anyway. It runs on a bank
-  without duplicate motifs (a duplicate's block goes to its lowest index) and returns two candidates per
-  block; their D is recomputed exactly, and a block is settled only where an error bound proves that no
-  other motif can be as close. Every other block (near ties, and rows faiss's float32 cannot separate)
-  is decided by the torch engine.
+  without duplicate motifs (a duplicate's block goes to its lowest index) and returns each block's two
+  nearest motifs by its float32 distances; the nearest's D is recomputed exactly, and a block is settled
+  only where an error bound on the second's distance proves every other motif farther. Every other block
+  (near ties, and rows faiss's float32 cannot separate) is decided by the torch engine.
 
 Work runs on ``torch.get_num_threads()`` threads, so ``torch.set_num_threads`` is the one knob for all of
 it; faiss's own OpenMP setting is changed only for the duration of a search and restored afterwards.
@@ -35,16 +35,15 @@ import torch
 from momos.errors import MoMosConfigError, MoMosValueError
 from momos.search.kdtree import MotifTree
 
+__all__ = ["ENGINES", "KDTREE_RULES", "TORCH_MAX_MOTIFS", "TORCH_MAX_PAIRS", "MotifSearch", "choose_engine", "nearest"]
+
 ENGINES = ("auto", "faiss", "kdtree", "torch")
 
-# Engine choice, measured on 2 cores (one thread, m blocks, times in seconds, setup included). Brute force
-# in torch beats building an index up to ~2^17 pairs (s=4, m*k=2^16: torch 0.0005, kdtree 0.002, faiss
-# 0.0014) and for banks of up to 16 motifs (s=4, m=65k, k=16: torch 0.015, kdtree 0.017, faiss 0.027;
-# k=8: 0.007, 0.012, 0.018). The compiled KD-tree wins at s <= 4 beyond that (s=4, m=65k: k=32 kdtree
-# 0.020 vs faiss 0.031, k=256 0.038 vs 0.12; m=54k, k=2,707 0.03 vs cKDTree's 0.06), at s <= 6 from a
-# few hundred motifs (s=6, m=60k: k=300 faiss 0.136 vs kdtree 0.151, k=600 kdtree 0.21 vs faiss 0.29,
-# k=3000 0.25 vs 1.26) and at s <= 8 for large banks (s=8, m=60k: k=3000 even at 0.6, k=4000 kdtree 0.63
-# vs faiss 0.77; m=120k, k=12k 1.8 vs 3.0). From s=12 faiss is 3-4x faster than the KD-tree.
+# Engine choice (`choose_engine`). Brute force in torch has no setup cost, so it beats building an index
+# for few pairs of blocks and motifs and for banks of a few motifs. Beyond that the compiled KD-tree wins
+# where it prunes well: any bank at small block sizes, and ever larger banks as the block size grows
+# (`KDTREE_RULES`); faiss's BLAS brute force wins elsewhere. The timings behind each threshold:
+# docs/benchmarks.md.
 TORCH_MAX_PAIRS = 1 << 17
 TORCH_MAX_MOTIFS = 16
 KDTREE_RULES = ((4, 1), (6, 500), (8, 4000))  # (largest block size, fewest motifs) where the KD-tree wins
@@ -63,7 +62,11 @@ _FLOAT64_SLACK = 1e-9
 
 
 def choose_engine(block_size: int, num_motifs: int, num_queries: int) -> str:
-    """The engine ``"auto"`` picks for `num_queries` blocks of `block_size` against `num_motifs` motifs."""
+    """The engine ``"auto"`` picks for `num_queries` blocks of `block_size` against `num_motifs` motifs.
+
+    Returns:
+        ``"torch"``, ``"kdtree"`` or ``"faiss"``.
+    """
     if num_queries * num_motifs <= TORCH_MAX_PAIRS or num_motifs <= TORCH_MAX_MOTIFS:
         return "torch"
     if any(block_size <= size and num_motifs >= fewest for size, fewest in KDTREE_RULES):
@@ -73,7 +76,20 @@ def choose_engine(block_size: int, num_motifs: int, num_queries: int) -> str:
 
 def nearest(blocks: torch.Tensor, motifs: torch.Tensor, *, engine: str = "auto") -> torch.Tensor:
     """Index (int64, shape ``(m,)``) of the nearest motif for each row of `blocks` ``(m, s)``, exact as
-    defined in this module (lowest index on ties) whichever `engine` computes it."""
+    defined in this module (lowest index on ties) whichever `engine` computes it.
+
+    Args:
+        blocks: ``(m, s)`` finite blocks, any float dtype and device.
+        motifs: ``(k, s)`` finite motifs, ``k >= 1``.
+        engine: one of `ENGINES`; ``"auto"`` lets `choose_engine` pick.
+
+    Returns:
+        The int64 mosaic ``(m,)``, on the device of `blocks`.
+
+    Raises:
+        MoMosConfigError: an unknown `engine`.
+        MoMosValueError: shapes that do not fit, or NaN or Inf values.
+    """
     return MotifSearch(motifs, num_queries=blocks.shape[0], engine=engine).nearest(blocks)
 
 
@@ -109,10 +125,12 @@ class MotifSearch:
 
     @property
     def block_size(self) -> int:
+        """The bank's block size s."""
         return self.motifs.shape[1]
 
     def nearest(self, blocks: torch.Tensor) -> torch.Tensor:
-        """Index (int64, shape ``(m,)``) of the nearest motif of each row of `blocks` ``(m, block_size)``."""
+        """Index (int64, shape ``(m,)``, on the device of `blocks`) of the nearest motif of each row of `blocks`
+        ``(m, block_size)``; `MoMosValueError` for another shape or NaN or Inf values."""
         if blocks.ndim != 2 or blocks.shape[1] != self.block_size:
             raise MoMosValueError(f"blocks must have shape (m, {self.block_size}), got {tuple(blocks.shape)}")
         blocks = blocks.detach()
@@ -131,17 +149,12 @@ class MotifSearch:
             return torch.from_numpy(self._tree.nearest(x.numpy(), torch.get_num_threads()))
         if self._fast is None:  # a single distinct motif
             return self._lowest[0].expand(x.shape[0]).clone()
-        candidates, floor = self._fast.candidates(x)
-        # Exact D of both candidates; on equal D the lower original index wins.
-        lowest = self._lowest[candidates]
-        d = torch.stack([_distance(x, self._unique[candidates[:, i]]) for i in range(2)], 1)
-        second = (d[:, 1] < d[:, 0]) | ((d[:, 1] == d[:, 0]) & (lowest[:, 1] < lowest[:, 0]))
-        pick = second.long()
-        out = lowest.gather(1, pick.unsqueeze(1)).squeeze(1)
-        best = d.gather(1, pick.unsqueeze(1)).squeeze(1)
-        # Settled: every other motif is provably farther than the best candidate (strictly, so no lower
-        # index can tie with it). The rest are few, and often equal to each other: brute-force each once.
-        unsettled = (~(best < floor)).nonzero().squeeze(1)
+        candidate, floor = self._fast.nearest(x)
+        out = self._lowest[candidate]
+        # Settled: every other motif is provably farther than faiss's nearest (strictly, so no lower index can
+        # tie with it). The floor holds for faiss's second nearest too, so a block whose second is as near as
+        # its first is never settled. The rest are few, and often equal to each other: brute-force each once.
+        unsettled = (~(_distance(x, self._unique[candidate]) < floor)).nonzero().squeeze(1)
         if unsettled.numel():
             rows, inverse = torch.unique(x[unsettled], dim=0, return_inverse=True)
             out[unsettled] = _brute_force(rows, self.motifs)[inverse]
@@ -185,10 +198,10 @@ def _brute_force(x: torch.Tensor, motifs: torch.Tensor) -> torch.Tensor:
 
 
 class _FaissEngine:
-    """Two nearest distinct motifs per block from faiss's float32 BLAS search, with a proven floor."""
+    """The nearest distinct motif per block by faiss's float32 BLAS search, with a proven floor under the others."""
 
     def __init__(self, unique: torch.Tensor) -> None:
-        import faiss  # imported on first use: faiss takes ~0.3 s to import
+        import faiss  # imported on first use: importing faiss is slow
 
         self.faiss = faiss
         self.index = faiss.IndexFlatL2(unique.shape[1])
@@ -196,10 +209,10 @@ class _FaissEngine:
         # Bound on |faiss distance - D| is c (|x|^2 + |z|^2); see _FLOAT32_UNIT.
         self.error = 2 * (2 * unique.shape[1] + 8) * _FLOAT32_UNIT
 
-    def candidates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidate indices ``(n, 2)`` and a floor ``(n,)``: every other motif has D above it.
+    def nearest(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """faiss's nearest motif ``(n,)`` and a floor ``(n,)``: every other motif has D above it.
 
-        Every other motif z has faiss distance f >= f2 (the second candidate's), and f <= D + c (|x|^2 +
+        Every other motif z has faiss distance f >= f2 (the second nearest's), and f <= D + c (|x|^2 +
         |z|^2) <= D + c (3 |x|^2 + 2 D) since |z|^2 <= 2 |x|^2 + 2 D; so D >= (f2 - 3 c |x|^2) / (1 + 2 c).
         """
         previous = self.faiss.omp_get_max_threads()
@@ -215,4 +228,4 @@ class _FaissEngine:
         # faiss answers -1 where it found no second motif (non-finite float32 distances): decide those by hand.
         missing = (index < 0).any(1)
         floor[missing | ~torch.isfinite(floor)] = -torch.inf
-        return index.clamp_(min=0), floor
+        return index[:, 0].clamp(min=0), floor

@@ -42,6 +42,9 @@ from momos.search import _compiled, assign, kdtree
 from momos.search._compiled import _TIE_SPACING, MARGIN
 from momos.search.kdtree import MotifTree
 
+__all__ = ["FACETS", "KERNELS", "KERNEL_NEIGHBORS", "NEIGHBORS", "SEARCHED", "MosaicTracker", "MotifIndex", "Search",
+           "motif_index", "nearest_op", "search"]
+
 # Motifs listed per motif (banks without a KD-tree): long enough to settle almost every search.
 NEIGHBORS = 64
 # Motifs listed per motif for the compiled loops, whose search is a vectorized pass over the list: long
@@ -299,9 +302,11 @@ class Search:
 
     @staticmethod
     def cat(parts: list[Search]) -> Search:
+        """The searches `parts` concatenated, block after block."""
         return Search(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(Search)))
 
     def put(self, rows: torch.Tensor, other: Search) -> None:
+        """Overwrite the blocks `rows` with the search `other` (one block of it per row)."""
         for f in fields(Search):
             getattr(self, f.name)[rows] = getattr(other, f.name)
 
@@ -439,6 +444,12 @@ class MosaicTracker:
 
         `guess` is a mosaic to start from when the bank changed (the refresh's own assignment is ideal;
         any valid mosaic gives the same result, only slower). The result must not be modified.
+
+        Returns:
+            The int64 mosaic ``(m,)``, on the device of `blocks`: the tracker's own buffer.
+
+        Raises:
+            MoMosValueError: `blocks` hold NaN or Inf values (a diverged training); the state starts over.
         """
         blocks = blocks.detach()
         work = torch.promote_types(blocks.dtype, torch.float32)

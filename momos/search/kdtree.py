@@ -5,17 +5,14 @@ STE tracker's searches and neighbour lists (`momos.search.incremental`). The tre
 (`_distance`: float64, coordinate by coordinate), ranks equal distances by the lower index, and
 skips a subtree only when its box lies farther than the worst motif kept so far by more than float
 rounding. Every skipped motif is then strictly farther than every motif kept, so the answer is the
-definition's and needs no re-check (scipy's cKDTree, used before, rounds its own way: its candidates had
-to be checked again, and its bounds widened). Two things make it fast:
+definition's and needs no re-check, as a tree that rounds its own way would. Two things make it fast:
 
 - The queries are visited grid cell by grid cell over the bank's bounding box (`locality_order`), so
   queries that follow each other walk the same branches, which stay in cache.
 - A query for a few motifs starts from the previous query's answer, whose distances prune most of the
   tree before the first leaf.
 
-On the benchmark's MLP (54k blocks of 4, 2,707 motifs, one thread) the nearest motifs take 25-35 ms
-where cKDTree took 55-60 ms for the two nearest, before the check; each motif's 129 nearest (the
-tracker's lists) 50-56 ms against 74-78 ms.
+Its timings, and the choice of its constants: docs/benchmarks.md (nearest-motif search).
 """
 
 from __future__ import annotations
@@ -27,11 +24,13 @@ import numpy as np
 from momos.errors import MoMosValueError
 from momos.search._compiled import _build, _search
 
-# Motifs per leaf: smaller leaves prune more but cost more branches (8 and 32 measured slower than 16).
+__all__ = ["LEAF_SIZE", "NO_TREE", "QUERY_CHUNK", "MotifTree"]
+
+# Motifs per leaf: smaller leaves prune more but cost more branches; 16 balances the two.
 LEAF_SIZE = 16
 # Fewest queries worth a thread of their own: a thread answers one run of consecutive queries, in which a
-# query for a few motifs starts from the previous answer. Measured on 2 cores: 16k queries (a refresh's
-# chunk) took 54-69 ms on 2 threads against 49-58 ms on one; 216k took 116-136 against 164-182 ms.
+# query for a few motifs starts from the previous answer, so splitting a shorter run costs more than a
+# second thread gains.
 QUERY_CHUNK = 16384
 # Grid over the bank's bounding box that orders the queries (cells per axis, on the first axes; at most
 # 2^16 cells in all).
@@ -45,7 +44,11 @@ NO_TREE = (*(np.empty(0, np.int64) for _ in range(3)), np.empty(0), *(np.empty(0
 
 
 class MotifTree:
-    """Exact nearest-motif queries against one float64 bank ``(k, s)``, ``k >= 1``, of finite motifs."""
+    """Exact nearest-motif queries against one float64 bank ``(k, s)``, ``k >= 1``, of finite motifs.
+
+    Raises:
+        MoMosValueError: `motifs` is not a ``(k, s)`` array with ``k >= 1``.
+    """
 
     def __init__(self, motifs: np.ndarray) -> None:
         if motifs.ndim != 2 or motifs.shape[0] < 1:
@@ -60,14 +63,19 @@ class MotifTree:
         """An order of the queries `x` that visits them grid cell by grid cell over the bank's bounding box.
 
         Queries that follow each other then walk the same branches, which stay in cache, and start from a
-        near answer: on the benchmark's MLP this made the queries 1.2x faster, and scipy's cKDTree 3.5x on
-        a 312k-motif bank (s=4, 2 threads).
+        near answer.
+
+        Args:
+            x: the queries, ``(m, s)`` float64.
+
+        Returns:
+            A permutation of ``range(m)`` (int64).
         """
         cell = np.clip((x - self._low) * self._scale, 0, _GRID_CELLS - 1).astype(np.int64)
         key = np.zeros(x.shape[0], dtype=np.int64)
         for column in cell.T[:_GRID_DIMS]:
             key = key * _GRID_CELLS + column
-        # At most 16^4 cells: as 16-bit keys numpy's stable sort is a radix sort (12x faster on 16k queries).
+        # At most 16^4 cells: as 16-bit keys numpy's stable sort is a radix sort, far cheaper than comparisons.
         return np.argsort(key.astype(np.uint16), kind="stable")
 
     def nearest(self, x: np.ndarray, threads: int = 1) -> np.ndarray:
@@ -76,7 +84,11 @@ class MotifTree:
 
     def neighbors(self, x: np.ndarray, count: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """The `count` nearest motifs (at most all) of each finite float64 row of `x` ``(m, s)``, ranked by D
-        then index: ``(m, count)`` indices, the farthest first and the others in no order, and their D."""
+        then index: ``(m, count)`` indices, the farthest first and the others in no order, and their D.
+
+        Raises:
+            MoMosValueError: `count` is below 1.
+        """
         if count < 1:
             raise MoMosValueError(f"count must be at least 1, got {count}")
         count = min(count, self.motifs.shape[0])
@@ -92,7 +104,7 @@ class MotifTree:
 
         if runs > 1:
             # The compiled search releases the GIL, so Python threads run it in parallel (a numba parallel
-            # loop would add ~10 s of compilation on first use).
+            # loop would lengthen the compilation on first use).
             with ThreadPoolExecutor(runs) as pool:
                 list(pool.map(search, range(runs)))
         else:
