@@ -24,6 +24,7 @@ from momos.errors import (
     MoMosSelectionError,
     MoMosStateError,
     MoMosValueError,
+    MoMosWarning,
 )
 
 __version__ = "0.1.0"
@@ -33,6 +34,11 @@ _LAZY = {
     "prepare": "momos.api",
     "refresh": "momos.api",
     "convert": "momos.api",
+    "compress": "momos.api",
+    "finetune": "momos.nn.finetune",
+    "FinetuneStats": "momos.nn.finetune",
+    "train_motifs": "momos.nn.packed",
+    "freeze_motifs": "momos.nn.packed",
     "report": "momos.reporting",
     "save": "momos.io.format",
     "load": "momos.io.format",
@@ -44,13 +50,16 @@ _SUBMODULES = {"complexity", "export", "runtime"}
 
 __all__ = [
     "MoMosConfig", "MoMosError", "MoMosConfigError", "MoMosSelectionError", "MoMosStateError",
-    "MoMosValueError", "MoMosFormatError", "MoMosExportError", "MoMosDependencyError", *_LAZY, *sorted(_SUBMODULES),
+    "MoMosValueError", "MoMosFormatError", "MoMosExportError", "MoMosDependencyError", "MoMosWarning",
+    *_LAZY, *sorted(_SUBMODULES),
 ]
 
 if TYPE_CHECKING:
     from momos import complexity, export, runtime
-    from momos.api import convert, prepare, refresh
+    from momos.api import compress, convert, prepare, refresh
     from momos.io.format import inspect, load, save
+    from momos.nn.finetune import FinetuneStats, finetune
+    from momos.nn.packed import freeze_motifs, train_motifs
     from momos.nn.parametrize import RefreshStats
     from momos.nn.schedule import refresh_every
     from momos.reporting import report

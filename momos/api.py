@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch.nn.utils import parametrize
 
 from momos.blocks import num_blocks, reconstruct, to_blocks
 from momos.config import BANK_FIELDS, MoMosConfig, build_rules, resolve
-from momos.errors import MoMosConfigError, MoMosSelectionError, MoMosStateError
+from momos.errors import MoMosConfigError, MoMosSelectionError, MoMosStateError, MoMosWarning
 from momos.nn.packed import MotifTable, PackedTensor, attach, is_packed, own_class
 from momos.nn.parametrize import (
     Member,
@@ -72,16 +73,46 @@ def prepare(model: nn.Module, config: MoMosConfig, *, include: Iterable[Any] | N
     if global_names:
         total = sum(num_blocks(weights[n].numel(), chosen[n].block_size) for n in global_names)
         first = global_names[0]
-        banks[GLOBAL_BANK] = MotifBank(GLOBAL_BANK, chosen[first], total, weights[first].device)
+        banks[GLOBAL_BANK] = MotifBank(GLOBAL_BANK, chosen[first], total, weights[first].device,
+                                       num_weights=sum(weights[n].numel() for n in global_names))
+    placed = []
     for name, cfg in chosen.items():
-        module, tensor_name = owners[name]
         weight = weights[name]
         if cfg.scope == "global":
             bank = banks[GLOBAL_BANK]
         else:
-            bank = MotifBank(name, cfg, num_blocks(weight.numel(), cfg.block_size), weight.device)
-        register(module, tensor_name, MoMosParametrization(bank, weight.shape, weight.device))
+            bank = MotifBank(name, cfg, num_blocks(weight.numel(), cfg.block_size), weight.device,
+                             num_weights=weight.numel())
+        if _zero_only(bank):
+            _warn_left_dense(name, bank)
+        else:
+            placed.append((name, bank))
+    if not placed:
+        raise MoMosSelectionError(f"no tensor left to compress: every selected tensor's bank would hold only the zero "
+                                  f"motif ({len(chosen)} tensors); give the banks more motifs")
+    for name, bank in placed:
+        module, tensor_name = owners[name]
+        register(module, tensor_name, MoMosParametrization(bank, weights[name].shape, weights[name].device))
     return model
+
+
+def _zero_only(bank: MotifBank) -> bool:
+    """Whether the bank's only motif is the forced zero, which would turn its tensors into zeros.
+
+    One motif drawn from the blocks is the least that keeps a projection an approximation of the tensor (its
+    error then shows in `refresh`'s stats and in `report`), so that is the threshold.
+    """
+    return bank.num_motifs - bank.config.force_zero < 1
+
+
+def _warn_left_dense(name: str, bank: MotifBank) -> None:
+    size = {f: getattr(bank.config, f) for f in ("capacity", "num_motifs", "bits_per_weight")
+            if getattr(bank.config, f) is not None}
+    (field, value), = size.items()
+    where = "its own bank (scope='tensor')" if bank.name == name else f"the {bank.name!r} bank"
+    warnings.warn(f"tensor {name!r} is left dense: {where} would get k={bank.num_motifs} motif for "
+                  f"{bank.num_blocks} blocks with {field}={value!r}, and force_zero=True makes that motif zero "
+                  f"(give it more motifs, exclude it, or share the global bank)", MoMosWarning, stacklevel=3)
 
 
 def refresh(model: nn.Module) -> RefreshStats:
@@ -135,6 +166,66 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
     for module, tensor_name, packed in converted:
         attach(module, tensor_name, packed)
+    return model
+
+
+# What `compress` compresses by default: the weight matrices of these module types (biases and norms stay dense).
+COMPRESSED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+
+
+def default_config() -> MoMosConfig:
+    """`compress`'s default: blocks of 4, k-means motifs in one global bank, 3 bits per compressed weight."""
+    return MoMosConfig(block_size=4, bits_per_weight=3.0, motif_init="kmeans")
+
+
+def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable[Any] | None = None, *,
+             teacher: nn.Module | None = None, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+             include: Iterable[Any] | None = None, exclude: Iterable[Any] | None = None,
+             overrides: Mapping[Any, MoMosConfig | None] | None = None, **finetune_args: Any) -> nn.Module:
+    """The recommended path for a trained or pretrained model: one projection, convert, then fine-tune the motifs.
+
+    `prepare` (on a copy), one `refresh`, `convert`; then, when `data` is given, `finetune` of the motif tables:
+    on labelled batches with `loss`, else by distillation from `teacher` (default: `model` itself, as given).
+
+    Args:
+        model: the dense model; left unchanged.
+        config: the MoMos config (default `default_config()`: 3 bits per compressed weight).
+        data: batches for fine-tuning (see `momos.finetune`); None: no fine-tuning.
+        teacher: the model to distill from (default `model`).
+        loss: a task loss on ``(inputs, target)`` batches instead of distillation.
+        include, exclude, overrides: the selection, as in `prepare`; by default the weight matrices of Linear,
+            Conv and Embedding modules (`COMPRESSED_TYPES`).
+        **finetune_args: passed to `momos.finetune` (epochs, lr, distill, dense, progress, ...).
+
+    Returns:
+        The packed model.
+    """
+    from momos.nn.finetune import finetune
+
+    config = default_config() if config is None else config
+    if include is None:
+        # The default selection, with the user's exclusions and overrides applied by prepare's own rules.
+        candidates, seen = [], set()
+        for module_name, module in model.named_modules():
+            weight = module._parameters.get("weight")
+            if isinstance(module, COMPRESSED_TYPES) and weight is not None and weight.requires_grad \
+                    and id(weight) not in seen:
+                seen.add(id(weight))  # a tied weight is compressed once, under its first name
+                candidates.append((_join(module_name, "weight"), module_name, module))
+        chosen = resolve(candidates, config, build_rules(config, None, exclude, overrides))
+        include, exclude = list(chosen), None
+        overrides = {name: cfg for name, cfg in chosen.items() if cfg != config} or None
+    packed = convert(_refreshed(prepare(model, config, include=include, exclude=exclude, overrides=overrides)),
+                     inplace=True)
+    if data is not None:
+        if loss is None and teacher is None:
+            teacher = model
+        finetune(packed, data, teacher=teacher, loss=loss, **finetune_args)
+    return packed
+
+
+def _refreshed(model: nn.Module) -> nn.Module:
+    refresh(model)
     return model
 
 

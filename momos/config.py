@@ -30,7 +30,7 @@ MOTIF_INITS = ("random", "kmeans")
 MOTIF_DTYPES = {"float32": 32, "float16": 16, "bfloat16": 16}
 
 # Fields that every tensor sharing one global bank must agree on.
-BANK_FIELDS = ("block_size", "capacity", "num_motifs", "force_zero", "motif_init", "kmeans_iters",
+BANK_FIELDS = ("block_size", "capacity", "num_motifs", "bits_per_weight", "force_zero", "motif_init", "kmeans_iters",
                "mode", "motif_dtype", "seed")
 
 
@@ -39,7 +39,9 @@ class MoMosConfig:
     """How to turn tensors into a mosaic of motifs.
 
     Give exactly one of `capacity` (c: the bank holds ``max(1, min(floor(c * m), m))`` motifs for the m
-    blocks it serves) or `num_motifs` (k, capped at m). `scope="global"` shares one bank among all
+    blocks it serves), `num_motifs` (k, capped at m) or `bits_per_weight` (b: the largest k whose mosaic and
+    motif table take at most b bits per weight of the tensors the bank serves, see `num_motifs_for`).
+    `scope="global"` shares one bank among all
     targeted tensors (the reference default); `"tensor"` gives each tensor its own. `mode="hard"` writes
     the projection into the weights at each refresh and trains densely in between (the paper);
     `mode="ste"` makes every forward see the MoMos weight of the latent weights under the current bank,
@@ -49,6 +51,7 @@ class MoMosConfig:
     block_size: int = 4
     capacity: float | None = None
     num_motifs: int | None = None
+    bits_per_weight: float | None = None
     force_zero: bool = True
     scope: str = "global"
     motif_init: str = "random"
@@ -63,17 +66,19 @@ class MoMosConfig:
             dtype = str(dtype).removeprefix("torch.")
             object.__setattr__(self, "motif_dtype", dtype)
         _check_int("block_size", self.block_size, minimum=1)
-        if (self.capacity is None) == (self.num_motifs is None):
-            raise MoMosConfigError(
-                "give exactly one of capacity or num_motifs "
-                f"(got capacity={self.capacity!r}, num_motifs={self.num_motifs!r})"
-            )
+        sizes = {"capacity": self.capacity, "num_motifs": self.num_motifs, "bits_per_weight": self.bits_per_weight}
+        if sum(v is not None for v in sizes.values()) != 1:
+            given = ", ".join(f"{k}={v!r}" for k, v in sizes.items())
+            raise MoMosConfigError(f"give exactly one of capacity, num_motifs or bits_per_weight (got {given})")
         if self.capacity is not None:
             c = self.capacity
             if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or not 0 < c <= 1:
                 raise MoMosConfigError(f"capacity must be a number in (0, 1], got {c!r}")
         if self.num_motifs is not None:
             _check_int("num_motifs", self.num_motifs, minimum=1)
+        b = self.bits_per_weight
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0):
+            raise MoMosConfigError(f"bits_per_weight must be a positive number, got {b!r}")
         _check_choice("scope", self.scope, SCOPES)
         _check_choice("mode", self.mode, MODES)
         _check_choice("motif_init", self.motif_init, MOTIF_INITS)
@@ -96,12 +101,28 @@ class MoMosConfig:
         """Bits of one stored motif value (q in the bounds)."""
         return MOTIF_DTYPES[self.motif_dtype]
 
-    def num_motifs_for(self, num_blocks: int) -> int:
-        """k for a bank serving `num_blocks` blocks: ``max(1, min(floor(c*m), m))``, or `num_motifs` capped at m."""
+    def num_motifs_for(self, num_blocks: int, num_weights: int | None = None) -> int:
+        """k for a bank serving `num_blocks` blocks of `num_weights` values in all.
+
+        Capacity: ``max(1, min(floor(c*m), m))``; `num_motifs`: k capped at m. `bits_per_weight`: the largest
+        ``k <= m`` with ``m * ceil(log2 k) + k * s * q <= b * n`` (mosaic plus motif table, q = `motif_bits`),
+        and 1 when not even two motifs fit; `num_weights` (n) is then required.
+        """
         if self.num_motifs is not None:
             return max(1, min(self.num_motifs, num_blocks))
-        # The tiny epsilon keeps floor(0.05 * 200) == 10 despite binary rounding of c.
-        return max(1, min(math.floor(self.capacity * num_blocks + 1e-9), num_blocks))
+        if self.capacity is not None:
+            # The tiny epsilon keeps floor(0.05 * 200) == 10 despite binary rounding of c.
+            return max(1, min(math.floor(self.capacity * num_blocks + 1e-9), num_blocks))
+        if num_weights is None:
+            raise MoMosConfigError("bits_per_weight needs the number of weights a bank serves")
+        budget = self.bits_per_weight * num_weights
+        best = 1
+        for bits in range(1, max(1, math.ceil(math.log2(max(num_blocks, 2)))) + 1):
+            # Every k in (2^(bits-1), 2^bits] costs m * bits index bits; the table grows with k.
+            k = min(2**bits, num_blocks, math.floor((budget - num_blocks * bits) / (self.block_size * self.motif_bits)))
+            if k > 2 ** (bits - 1):
+                best = max(best, k)
+        return best
 
     def replace(self, **changes: Any) -> MoMosConfig:
         return dataclasses.replace(self, **changes)

@@ -33,3 +33,8 @@ class MoMosExportError(MoMosError, RuntimeError):
 
 class MoMosDependencyError(MoMosError, ImportError):
     """A dependency a feature needs cannot be imported; the message gives the command that fixes it."""
+
+
+class MoMosWarning(UserWarning):
+    """Something momos did differently from what was asked, for a reason the message gives (e.g. a tensor left
+    dense because its bank would hold only the zero motif)."""

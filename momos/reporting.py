@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
@@ -38,10 +38,25 @@ class TensorReport:
 
 
 @dataclass(frozen=True)
+class DenseReport:
+    """A parameter MoMos does not compress (not selected, or left dense): its values cost their dtype's bits."""
+
+    name: str
+    shape: tuple[int, ...]
+    numel: int
+    bits_per_weight: int
+
+
+@dataclass(frozen=True)
 class Report:
-    """Per-tensor rows and the totals over them; ``str(report)`` is a table."""
+    """Per-tensor rows, the parameters left dense, and the totals; ``str(report)`` is a table.
+
+    `bits_per_weight` counts the MoMos tensors (what a config's size target bounds); `model_bits_per_weight`
+    counts every parameter of the model, the dense ones at their dtype's width.
+    """
 
     tensors: list[TensorReport]
+    dense: list[DenseReport] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
@@ -64,6 +79,11 @@ class Report:
         return self.bits_per_weight / 32
 
     @property
+    def model_bits_per_weight(self) -> float:
+        numel = self.numel + sum(d.numel for d in self.dense)
+        return (self.bits + sum(d.numel * d.bits_per_weight for d in self.dense)) / numel
+
+    @property
     def rmse(self) -> float:
         return math.sqrt(sum(t.rmse**2 * t.numel for t in self.tensors) / self.numel)
 
@@ -72,23 +92,29 @@ class Report:
                 for t in self.tensors]
         return {"tensors": rows, "total": {"numel": self.numel, "num_blocks": self.num_blocks, "bits": self.bits,
                                            "bits_per_weight": self.bits_per_weight,
-                                           "ratio_to_float32": self.ratio_to_float32, "rmse": self.rmse}}
+                                           "ratio_to_float32": self.ratio_to_float32, "rmse": self.rmse},
+                "dense": [asdict(d) for d in self.dense], "model_bits_per_weight": self.model_bits_per_weight}
 
     def __str__(self) -> str:
         head = ("tensor", "shape", "n", "m", "k", "bits/weight", "vs float32", "rmse")
         rows = [(t.name, "x".join(map(str, t.shape)), str(t.numel), str(t.num_blocks), str(t.num_motifs),
                  f"{t.bits_per_weight:.3f}", f"{t.ratio_to_float32:.2%}", f"{t.rmse:.4g}") for t in self.tensors]
         banks = {t.bank: t.num_motifs for t in self.tensors}
-        rows.append(("total", "", str(self.numel), str(self.num_blocks), str(sum(banks.values())),
-                     f"{self.bits_per_weight:.3f}", f"{self.ratio_to_float32:.2%}", f"{self.rmse:.4g}"))
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        dense = [(d.name, "x".join(map(str, d.shape)), str(d.numel), "", "dense", f"{d.bits_per_weight:.3f}",
+                  f"{d.bits_per_weight / 32:.2%}", "0") for d in self.dense]
+        total = ("total", "", str(self.numel), str(self.num_blocks), str(sum(banks.values())),
+                 f"{self.bits_per_weight:.3f}", f"{self.ratio_to_float32:.2%}", f"{self.rmse:.4g}")
+        whole = ("all parameters", "", str(self.numel + sum(d.numel for d in self.dense)), "", "",
+                 f"{self.model_bits_per_weight:.3f}", f"{self.model_bits_per_weight / 32:.2%}", "")
+        footer = [total, whole] if dense else [total]
+        widths = [max(len(r[i]) for r in [head, *rows, *dense, *footer]) for i in range(len(head))]
         line = "  ".join("-" * w for w in widths)
 
         def fmt(row: tuple[str, ...]) -> str:  # names and shapes left-aligned, figures right-aligned
             cells = zip(row, widths, strict=True)
             return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(cells))
 
-        return "\n".join([fmt(head), line, *map(fmt, rows[:-1]), line, fmt(rows[-1])])
+        return "\n".join([fmt(head), line, *map(fmt, rows + dense), line, *map(fmt, footer)])
 
 
 def report(model: nn.Module) -> Report:
@@ -118,4 +144,13 @@ def report(model: nn.Module) -> Report:
     tensors = [TensorReport(name, bank, shape, n, m, k, s, q, k * s * q * m / bank_blocks[key],
                             m * index_bits(k), rmse)
                for name, key, bank, shape, n, m, k, s, q, rmse in rows]
-    return Report(tensors)
+    return Report(tensors, _dense_parameters(model))
+
+
+def _dense_parameters(model: nn.Module) -> list[DenseReport]:
+    """Every floating-point parameter of `model` that is not a MoMos tensor (prepared or packed), once each."""
+    found = []
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and ".parametrizations." not in f".{name}":
+            found.append(DenseReport(name, tuple(param.shape), param.numel(), param.element_size() * 8))
+    return found

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -28,7 +29,21 @@ def _banks(model):
        seed=st.integers(0, 50))
 def test_refreshed_tensors_are_mosaics_of_their_bank(s, c, zero, scope, seed):
     torch.manual_seed(seed)
-    model = momos.prepare(_mlp(), MoMosConfig(block_size=s, capacity=c, force_zero=zero, scope=scope, seed=seed))
+    dense = _mlp()
+    config = MoMosConfig(block_size=s, capacity=c, force_zero=zero, scope=scope, seed=seed)
+    blocks_of = {n: num_blocks(w.numel(), s) for n, w in dense.named_parameters()}
+    served = blocks_of if scope == "tensor" else {n: sum(blocks_of.values()) for n in blocks_of}
+    zero_only = {n for n, m in served.items() if zero and config.num_motifs_for(m) == 1}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", momos.MoMosWarning)
+        try:
+            model = momos.prepare(dense, config)
+        except MoMosSelectionError:
+            assert zero_only == set(blocks_of)  # refused only when every tensor would be zeros
+            return
+    assert {str(w.message).split("'")[1] for w in caught} == zero_only
+    for name in zero_only:  # left dense: the tensor keeps its values
+        assert torch.equal(model.get_parameter(name), dense.get_parameter(name))
     stats = momos.refresh(model)
     for name, param, weight in prepared_tensors(model):
         motifs = param.bank.motifs
@@ -50,7 +65,7 @@ def test_refreshed_tensors_are_mosaics_of_their_bank(s, c, zero, scope, seed):
 
 def test_global_scope_shares_one_bank_and_tensor_scope_does_not():
     g = momos.prepare(_mlp(), MoMosConfig(capacity=0.2))
-    t = momos.prepare(_mlp(), MoMosConfig(capacity=0.2, scope="tensor"))
+    t = momos.prepare(_mlp(), MoMosConfig(capacity=0.2, scope="tensor", force_zero=False))
     assert len(_banks(g)) == 1 and len(_banks(t)) == 4
     (bank,) = _banks(g).values()
     assert bank.num_blocks == sum(p.num_blocks for _, p, _ in prepared_tensors(g))
@@ -323,3 +338,47 @@ def test_ste_fast_property_defers_to_torch_when_caching_or_another_parametrizati
         assert model[0].weight is model[0].weight
     parametrize.register_parametrization(model[0], "weight", Double())
     assert torch.equal(model[0].weight, 2 * momos_weight)
+
+
+def test_a_tensor_whose_bank_is_only_the_zero_motif_is_left_dense_with_a_warning():
+    model = nn.Sequential(nn.Linear(384, 384), nn.LayerNorm(384))
+    model[1].weight.data.uniform_(0.5, 1)
+    config = MoMosConfig(block_size=4, capacity=0.01, scope="tensor")
+    with pytest.warns(momos.MoMosWarning) as caught:
+        prepared = momos.prepare(model, config)
+    left = sorted(str(w.message).split("'")[1] for w in caught)
+    assert left == ["0.bias", "1.bias", "1.weight"]
+    assert "k=1" in str(caught[0].message) and "capacity=0.01" in str(caught[0].message)
+    momos.refresh(prepared)
+    packed = momos.convert(prepared)
+    assert torch.equal(packed[1].weight, model[1].weight) and torch.equal(packed[0].bias, model[0].bias)
+    x = torch.randn(8, 384)
+    assert torch.isfinite(packed(x)).all() and packed(x).abs().sum() > 0
+    report = momos.report(packed)
+    assert [t.name for t in report.tensors] == ["0.weight"]
+    assert [d.name for d in report.dense] == ["0.bias", "1.weight", "1.bias"]
+    assert "dense" in str(report)
+    with pytest.raises(MoMosSelectionError, match="no tensor left to compress"), pytest.warns(momos.MoMosWarning):
+        momos.prepare(model, config, include=[nn.LayerNorm])
+    # One motif besides the zero, or no forced zero, is an approximation of the tensor: it is compressed.
+    for config in (MoMosConfig(block_size=4, num_motifs=2, scope="tensor"),
+                   MoMosConfig(block_size=4, capacity=0.01, scope="tensor", force_zero=False)):
+        packed = momos.convert(momos.prepare(model, config))
+        assert len(momos.report(packed).tensors) == 4
+        assert packed[1].weight.abs().min() > 0.4
+
+
+def test_bits_per_weight_bounds_the_report_and_the_file(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+    for b in (2.0, 3.0, 4.0):
+        config = MoMosConfig(block_size=4, bits_per_weight=b)
+        packed = momos.convert(momos.prepare(model, config, include=[nn.Linear]))
+        report = momos.report(packed)
+        assert report.tensors[0].num_motifs == config.num_motifs_for(report.num_blocks, report.numel)
+        assert b - 0.5 < report.bits_per_weight <= b
+        path = tmp_path / f"{b}.momos"
+        momos.save(packed, path, coding="packed")
+        info = momos.inspect(path)
+        stored = sum(t.nbytes for t in info.tensors) + sum(bank.num_motifs * 4 * 4 for bank in info.banks)
+        assert stored * 8 <= b * report.numel + 8 * len(info.tensors)  # mosaics are padded to whole bytes

@@ -25,6 +25,30 @@ def test_num_motifs_exact_cases():
     assert MoMosConfig(num_motifs=16).num_motifs_for(700) == 16
 
 
+def _description_bits(k: int, m: int, s: int, q: int) -> int:
+    return m * (math.ceil(math.log2(k)) if k > 1 else 0) + k * s * q
+
+
+@given(m=st.integers(1, 3000), extra=st.integers(0, 3), s=st.sampled_from([1, 2, 4, 8]),
+       dtype=st.sampled_from(["float32", "float16"]), b=st.floats(0.05, 40.0))
+def test_bits_per_weight_picks_the_largest_k_within_the_budget(m, extra, s, dtype, b):
+    n = max(1, m * s - extra)  # padding: the last block of a tensor may be partly empty
+    config = MoMosConfig(block_size=s, bits_per_weight=b, motif_dtype=dtype)
+    k = config.num_motifs_for(m, n)
+    assert 1 <= k <= m
+    fits = [j for j in range(2, m + 1) if _description_bits(j, m, s, config.motif_bits) <= b * n]
+    assert k == max(fits, default=1)
+
+
+def test_bits_per_weight_exact_cases():
+    # 2.7M blocks of 4 at 3 bits a weight cannot pay 12-bit indices plus a table: 11 bits and 2,048 motifs.
+    m = 2_700_000
+    assert MoMosConfig(block_size=4, bits_per_weight=3.0).num_motifs_for(m, 4 * m) == 2048
+    assert MoMosConfig(block_size=4, bits_per_weight=4.06).num_motifs_for(m, 4 * m) == 26156
+    with pytest.raises(MoMosConfigError, match="number of weights"):
+        MoMosConfig(bits_per_weight=3.0).num_motifs_for(100)
+
+
 @pytest.mark.parametrize("kwargs, field", [
     (dict(block_size=0, capacity=0.1), "block_size"),
     (dict(block_size=2.5, capacity=0.1), "block_size"),
@@ -33,6 +57,10 @@ def test_num_motifs_exact_cases():
     (dict(capacity=float("nan")), "capacity"),
     (dict(num_motifs=0), "num_motifs"),
     (dict(capacity=0.1, num_motifs=4), "capacity"),
+    (dict(num_motifs=4, bits_per_weight=3.0), "bits_per_weight"),
+    (dict(bits_per_weight=0.0), "bits_per_weight"),
+    (dict(bits_per_weight=float("inf")), "bits_per_weight"),
+    (dict(bits_per_weight=True), "bits_per_weight"),
     (dict(), "capacity"),
     (dict(capacity=0.1, scope="layer"), "scope"),
     (dict(capacity=0.1, mode="soft"), "mode"),

@@ -1,6 +1,6 @@
 """The `momos` command: the demo, sweeps, compressing a user's model, and inspecting, exporting, measuring files.
 
-    momos demo [--out DIR] [--epochs N] [--seed S] [--block-size S] [--capacity C]
+    momos demo [--out DIR] [--epochs N] [--seed S] [--block-size S] [--capacity C] [--bits B]
     momos sweep --model mlp|cnn|vit [--block-sizes 2,4,8] [--capacities 0.005,0.01] [--seeds 3] [--data X.npz]
     momos compress --model pkg.module:factory --weights state_dict.pt [--finetune data.npz] -o model.momos
     momos inspect FILE.momos|FILE.onnx [--json]
@@ -30,8 +30,10 @@ from typing import Any
 
 from momos.errors import MoMosConfigError, MoMosError, MoMosSelectionError
 
+__all__ = ["DEMO_EPOCHS", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "main"]
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-# Epochs of `momos demo`: measured to reach good accuracy within the demo's 3-minute budget on 2 cores.
+# Epochs of `momos demo`: enough for good accuracy within the demo's time budget (docs/benchmarks.md).
 DEMO_EPOCHS = 50
 MODEL_NAMES = ("mlp", "cnn", "vit")
 
@@ -78,6 +80,16 @@ def _capacity(text: str) -> float:
         raise argparse.ArgumentTypeError(f"capacity must be a number in (0, 1], got {text!r}") from None
     if not (math.isfinite(value) and 0 < value <= 1):
         raise argparse.ArgumentTypeError(f"capacity must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
 
 
@@ -188,12 +200,14 @@ class _Console:
 # Subcommands: each takes the parsed arguments and a console, prints its result, returns an exit status.
 
 def cmd_demo(args: argparse.Namespace, console: _Console) -> int:
+    """`momos demo`: the paper's MLP dense, with the paper's recipe and the recommended one; files, plots, summary."""
     from momos.apps.experiments import demo
     from momos.config import MoMosConfig
 
     MoMosConfig(block_size=args.block_size, capacity=args.capacity, seed=args.seed)  # fail before training
+    MoMosConfig(block_size=args.block_size, bits_per_weight=args.bits, seed=args.seed)
     result = demo(args.out, epochs=args.epochs, seed=args.seed, block_size=args.block_size,
-                  capacity=args.capacity, progress=console.progress, log=console.log)
+                  capacity=args.capacity, bits_per_weight=args.bits, progress=console.progress, log=console.log)
     if args.json:
         _emit_json(result.to_dict())
     else:
@@ -204,6 +218,7 @@ def cmd_demo(args: argparse.Namespace, console: _Console) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace, console: _Console) -> int:
+    """`momos sweep`: accuracy per (block size, capacity) and seed, as a CSV, a plot and a table."""
     from momos.apps import plots
     from momos.apps.experiments import sweep, write_csv
     from momos.config import MoMosConfig
@@ -241,27 +256,42 @@ def _sweep_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
-    import momos
-    from momos.apps.experiments import OPTIMIZERS
-    from momos.apps.train import evaluate, fit
+    """`momos compress`: the recommended path (`momos.compress`): one projection with k-means motifs of the weight
+    matrices, convert, then fine-tuning of the motif tables on labelled data or by distillation on inputs."""
+    import torch
 
-    config = momos.MoMosConfig(block_size=args.block_size, capacity=args.capacity, seed=args.seed)
-    data = load_data(args.finetune, args.seed)[0] if args.finetune else None
+    import momos
+    from momos.apps.data import load_inputs
+    from momos.apps.train import evaluate, split_batches
+
+    size = {"capacity": args.capacity} if args.capacity is not None else {"bits_per_weight": args.bits}
+    config = momos.MoMosConfig(block_size=args.block_size, motif_init="kmeans", seed=args.seed, **size)
+    labelled = load_data(args.finetune, args.seed)[0] if args.finetune else None
+    if args.calibrate:
+        try:
+            inputs = load_inputs(args.calibrate)
+        except momos.MoMosFormatError as e:
+            raise UsageError(str(e)) from e
     model = build_user_model(args.model)
     load_weights(model, args.weights)
+    model.eval()
     accuracy: dict[str, float] = {}
-    if data is not None:
-        accuracy["dense"] = evaluate(model, data.x_test, data.y_test)
-    prepared = momos.prepare(model, config)
-    console.log("projecting the weights onto a mosaic of motifs")
-    momos.refresh(prepared)
-    if data is not None:
-        accuracy["momos_before_finetune"] = evaluate(prepared, data.x_test, data.y_test)
-        console.log(f"fine-tuning for {args.epochs} epochs with a refresh after each")
-        history = fit(prepared, data, epochs=args.epochs, refresh="epoch", optimizer=OPTIMIZERS["mlp"],
-                      lr=args.lr, seed=args.seed, progress=console.progress, desc="fine-tune")
-        accuracy["momos"] = history.final_accuracy
-    packed = momos.convert(prepared)
+    if labelled is not None:
+        accuracy["dense"] = evaluate(model, labelled.x_test, labelled.y_test)
+    console.log("projecting the weight matrices onto a mosaic of motifs")
+    packed = momos.compress(model, config)
+    tune = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "progress": console.progress}
+    if labelled is not None:
+        accuracy["momos_before_finetune"] = evaluate(packed, labelled.x_test, labelled.y_test)
+        console.log(f"fine-tuning the motif tables for {args.epochs} epochs on labelled data")
+        batches = [(labelled.x_train[b], labelled.y_train[b])
+                   for b in split_batches(torch.arange(len(labelled.x_train)), 64)]
+        momos.finetune(packed, batches, loss=torch.nn.functional.cross_entropy, **tune)
+        accuracy["momos"] = evaluate(packed, labelled.x_test, labelled.y_test)
+    elif args.calibrate:
+        console.log(f"fine-tuning the motif tables for {args.epochs} epochs by distillation from the dense model")
+        momos.finetune(packed, [inputs[b] for b in split_batches(torch.arange(len(inputs)), 64)], teacher=model,
+                       **tune)
     momos.save(packed, args.output)
     rep = momos.report(packed)
     file_bytes = Path(args.output).stat().st_size
@@ -270,14 +300,16 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
                     "accuracy": accuracy or None})
         return EXIT_OK
     print(rep)
-    print(f"\n{args.output}: {file_bytes:,} bytes ({8 * file_bytes / rep.numel:.3f} bits per weight on disk, "
-          f"float32: {4 * rep.numel:,} bytes of weights)")
+    numel = rep.numel + sum(d.numel for d in rep.dense)
+    print(f"\n{args.output}: {file_bytes:,} bytes ({8 * file_bytes / numel:.3f} bits per parameter on disk, "
+          f"float32: {4 * numel:,} bytes of parameters)")
     if accuracy:
         print("test accuracy: " + ", ".join(f"{k.replace('_', ' ')} {v:.2%}" for k, v in accuracy.items()))
     return EXIT_OK
 
 
 def cmd_inspect(args: argparse.Namespace, console: _Console) -> int:
+    """`momos inspect`: print the header of a .momos file or the metadata of a momos .onnx file."""
     suffix = args.file.suffix.lower()
     if suffix == ".momos":
         from momos.io.format import inspect
@@ -294,6 +326,7 @@ def cmd_inspect(args: argparse.Namespace, console: _Console) -> int:
 
 
 def cmd_export(args: argparse.Namespace, console: _Console) -> int:
+    """`momos export`: a .momos file to ONNX, checked against torch in onnxruntime on a random input."""
     import numpy as np
     import torch
 
@@ -322,6 +355,7 @@ def cmd_export(args: argparse.Namespace, console: _Console) -> int:
 
 
 def cmd_complexity(args: argparse.Namespace, console: _Console) -> int:
+    """`momos complexity`: BDM ratios and the complexity summary of the demo, a file or a model factory."""
     from momos import complexity
 
     target = args.target
@@ -412,15 +446,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = command("demo", cmd_demo, "train the paper's MLP on digits dense and with MoMos, compare, plot",
-                "Train the paper's MLP (input -> 256 x4 -> 10) on scikit-learn's digits, dense and with MoMos; "
-                "convert, save a .momos file, export ONNX, check onnxruntime against torch, print one table "
-                "and write plots and summary.json into --out. Seeded and repeatable.")
+    p = command("demo", cmd_demo, "the paper's MLP on digits: dense, the paper's recipe, the recommended one",
+                "Train the paper's MLP (input -> 256 x4 -> 10) on scikit-learn's digits dense and with the paper's "
+                "recipe (MoMos during training, a refresh per epoch at --capacity); compress the dense MLP the "
+                "recommended way (k-means motifs at --bits, motif fine-tuning); save that as a .momos file, "
+                "export ONNX, check onnxruntime against torch, print one table and write plots and summary.json "
+                "into --out. Seeded and repeatable.")
     p.add_argument("--out", default="momos-demo", help="output folder (default: %(default)s)")
     p.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS, help="epochs (default: %(default)s)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of data split, init and banks (default: 0)")
     p.add_argument("--block-size", type=_positive_int, default=4, help="block size s (default: 4)")
-    p.add_argument("--capacity", type=_capacity, default=0.05, help="capacity c in (0, 1] (default: 0.05)")
+    p.add_argument("--capacity", type=_capacity, default=0.05,
+                   help="capacity c in (0, 1] of the paper's recipe (default: 0.05)")
+    p.add_argument("--bits", type=_positive_float, default=3.0,
+                   help="bits per compressed weight of the recommended path (default: 3)")
     p.add_argument("--json", action="store_true", help="print the JSON summary instead of the table")
 
     p = command("sweep", cmd_sweep, "accuracy against capacity per block size (the paper's Figure 4)",
@@ -439,19 +478,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="momos-sweep", help="output folder (default: %(default)s)")
 
     p = command("compress", cmd_compress, "compress a trained model of yours into a .momos file",
-                "Post-training MoMos compression of your model: build it with FACTORY, load the state_dict "
-                "(torch.load weights_only=True), project it onto a mosaic of motifs, optionally fine-tune with "
-                "a refresh after every epoch, save the .momos file and print the report.")
+                "Post-training MoMos compression of your model (momos.compress): build it with FACTORY, load the "
+                "state_dict (torch.load weights_only=True), project its weight matrices onto k-means motifs, "
+                "fine-tune the motif tables on labelled data (--finetune) or by distillation from the dense model "
+                "on unlabelled inputs (--calibrate), save the .momos file and print the report.")
     p.add_argument("--model", required=True, metavar="pkg.module:factory",
                    help="a callable that builds the (untrained) model; the current directory is importable")
     p.add_argument("--weights", required=True, type=_existing_file, metavar="STATE_DICT.pt",
                    help="the trained state_dict (torch.save(model.state_dict(), ...))")
     p.add_argument("--block-size", type=_positive_int, default=4, help="block size s (default: 4)")
-    p.add_argument("--capacity", type=_capacity, default=0.05, help="capacity c in (0, 1] (default: 0.05)")
-    p.add_argument("--finetune", type=_existing_file, metavar="DATA.npz",
-                   help="fine-tune on this .npz (arrays X and y; 80/20 split) to recover accuracy")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--bits", type=_positive_float, default=3.0,
+                      help="bits per compressed weight, motif table included (default: 3)")
+    size.add_argument("--capacity", type=_capacity, default=None, help="capacity c in (0, 1] instead of --bits")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--finetune", type=_existing_file, metavar="DATA.npz",
+                      help="fine-tune the motifs on this .npz (arrays X and y; 80/20 split), reporting test accuracy")
+    data.add_argument("--calibrate", type=_existing_file, metavar="INPUTS.npz",
+                      help="fine-tune the motifs by distillation from the dense model on this .npz's array X")
     p.add_argument("--epochs", type=_positive_int, default=5, help="fine-tuning epochs (default: 5)")
-    p.add_argument("--lr", type=float, default=None, help="fine-tuning AdamW learning rate (default: 3e-4)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3, help="fine-tuning AdamW learning rate (default: 1e-3)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the bank draws and the split (default: 0)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="MODEL.momos", help="the file to write")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

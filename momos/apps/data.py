@@ -11,6 +11,8 @@ import torch
 
 from momos.errors import MoMosConfigError, MoMosFormatError
 
+__all__ = ["Dataset", "digits", "load_inputs", "load_npz", "split"]
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -24,6 +26,7 @@ class Dataset:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input sample (no batch dimension)."""
         return tuple(self.x_train.shape[1:])
 
 
@@ -48,7 +51,12 @@ def digits(*, seed: int = 0) -> Dataset:
 
 
 def load_npz(path: str | Path, *, seed: int = 0) -> Dataset:
-    """A user's data: an .npz with float array `X` (samples first) and integer labels `y`."""
+    """A user's data: an .npz with float array `X` (samples first) and integer labels `y`, split 80/20.
+
+    Raises:
+        MoMosConfigError: `path` does not exist.
+        MoMosFormatError: the file is not a readable .npz, or its `X` and `y` do not fit that contract.
+    """
     path = Path(path)
     if not path.is_file():
         raise MoMosConfigError(f"data file {str(path)!r} does not exist")
@@ -66,3 +74,26 @@ def load_npz(path: str | Path, *, seed: int = 0) -> Dataset:
     if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
         raise MoMosFormatError(f"data file {str(path)!r}: y must hold non-negative integer labels, got {y.dtype}")
     return split(x.astype(np.float32), y, seed=seed)
+
+
+def load_inputs(path: str | Path) -> torch.Tensor:
+    """Unlabelled inputs for calibration: the float array `X` (samples first) of an .npz file.
+
+    Raises:
+        MoMosConfigError: `path` does not exist.
+        MoMosFormatError: the file is not a readable .npz, or has no array `X` of at least two dimensions.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MoMosConfigError(f"data file {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "X" not in npz.files:
+                raise MoMosFormatError(f"data file {str(path)!r} lacks the array 'X' (samples first)")
+            x = npz["X"]
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise MoMosFormatError(f"data file {str(path)!r} is not a readable .npz: {e}") from None
+    if x.ndim < 2 or len(x) == 0 or not np.issubdtype(x.dtype, np.number):
+        raise MoMosFormatError(f"data file {str(path)!r}: X must be a numeric (samples, ...) array, got {x.dtype} "
+                               f"{x.shape}")
+    return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float32)

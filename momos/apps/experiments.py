@@ -25,22 +25,29 @@ import torch
 from torch import nn
 
 from momos import complexity, runtime
-from momos.api import convert, prepare
+from momos.api import compress, convert, prepare
 from momos.apps import plots
 from momos.apps.data import Dataset, digits
 from momos.apps.models import MODELS, build
-from momos.apps.train import History, evaluate, fit
+from momos.apps.train import History, evaluate, fit, split_batches
 from momos.config import MoMosConfig
 from momos.errors import MoMosConfigError, MoMosError
 from momos.export import to_onnx
 from momos.io.format import load, save
+from momos.nn.finetune import finetune
 from momos.nn.packed import packed_tensors
 from momos.reporting import report
+
+__all__ = ["ONNX_TOLERANCE", "OPTIMIZERS", "SWEEP_FIELDS", "DemoModels", "DemoResult", "Log", "demo", "sweep",
+           "to_json", "train_demo_models", "write_csv"]
 
 # The reference code's optimizer per model: AdamW for the MLP and the ViT, SGD for the ResNet.
 OPTIMIZERS = {"mlp": "adamw", "cnn": "sgd", "vit": "adamw"}
 # onnxruntime and torch must agree on every test logit to this absolute tolerance.
 ONNX_TOLERANCE = 1e-4
+# The recommended path's motif fine-tuning in the demo: epochs over the training set, AdamW's learning rate.
+FINETUNE_EPOCHS = 10
+FINETUNE_LR = 1e-3
 
 Log = Callable[[str], None]
 
@@ -54,22 +61,24 @@ class DemoResult:
     """Every figure of one `demo` run; ``str()`` is the demo's table, `to_dict` the JSON summary."""
 
     settings: dict[str, Any]  # model, data, epochs, seed, block_size, capacity, sizes of the split
-    accuracy: dict[str, float]  # dense, momos_torch, momos_onnxruntime, momos_reloaded
+    accuracy: dict[str, float]  # dense, momos_paper, momos_one_shot, momos_torch, momos_onnxruntime, momos_reloaded
     agreement: dict[str, float]  # predictions_agree, test_samples, max_abs_logit_diff
     files: dict[str, dict[str, Any]]  # checkpoint / momos / onnx -> {"path", "bytes"}
-    compression: dict[str, float]  # numel, num_blocks, num_motifs, bits_per_weight, bits_per_weight_on_disk
+    compression: dict[str, float]  # numel, parameters, num_blocks, num_motifs, bits_per_weight, ...
     bdm: dict[str, float]  # trained_over_initial, momos_over_dense
     refresh: dict[str, float]  # count, seconds, training_seconds
-    history: dict[str, Any]  # dense/momos accuracy per epoch, distortion (step, value) per refresh
+    history: dict[str, Any]  # accuracy per epoch (dense, paper, recommended), distortion per refresh
     motif_usage: list[int]  # blocks per motif of the converted model, motif order
     plots: dict[str, str] = field(default_factory=dict)  # name -> path
     seconds: float = math.nan  # wall time of the whole demo
 
     @property
     def least_used_half_share(self) -> float:
+        """The fraction of all blocks assigned to the least-used half of the motifs."""
         return plots.least_used_half_share(self.motif_usage)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, and `least_used_half_share`, as plain data (the demo's ``summary.json``)."""
         return asdict(self) | {"least_used_half_share": self.least_used_half_share}
 
     def __str__(self) -> str:
@@ -82,50 +91,63 @@ class DemoResult:
 
         rows = [
             ("test accuracy, dense (torch)", f"{a['dense']:.2%}"),
-            ("test accuracy, MoMos (torch)", f"{a['momos_torch']:.2%}"),
-            ("test accuracy, MoMos (onnxruntime)",
+            (f"test accuracy, MoMos paper's recipe (c={s['capacity']})",
+             f"{a['momos_paper']:.2%}  ({c['paper_bits_per_weight']:.3f} bits per weight, trained with MoMos)"),
+            (f"test accuracy, MoMos recommended ({s['bits_per_weight']:g} bits)",
+             f"{a['momos_torch']:.2%}  (projection of the dense MLP: {a['momos_one_shot']:.2%}; after "
+             f"{s['finetune_epochs']} epochs of motif fine-tuning: {a['momos_torch']:.2%})"),
+            ("test accuracy, MoMos recommended (onnxruntime)",
              f"{a['momos_onnxruntime']:.2%}  ({self.agreement['predictions_agree']}/"
              f"{self.agreement['test_samples']} predictions agree, max |logit diff| "
              f"{self.agreement['max_abs_logit_diff']:.1e})"),
             (f"float32 checkpoint ({Path(f['checkpoint']['path']).name})", size("checkpoint")),
             (f".momos file ({Path(f['momos']['path']).name})", size("momos")),
             (f".onnx file ({Path(f['onnx']['path']).name})", size("onnx")),
-            ("bits per weight (bank + mosaic)",
-             f"{c['bits_per_weight']:.3f}  (.momos on disk: {c['bits_per_weight_on_disk']:.3f}; float32: 32)"),
+            ("bits per compressed weight (bank + mosaic)",
+             f"{c['bits_per_weight']:.3f}  (.momos on disk, biases included: {c['bits_per_parameter_on_disk']:.3f} "
+             f"per parameter; float32: 32)"),
             ("motifs k / blocks m / weights n",
-             f"{c['num_motifs']:,} / {c['num_blocks']:,} / {c['numel']:,}  "
+             f"{c['num_motifs']:,} / {c['num_blocks']:,} / {c['numel']:,} of {c['parameters']:,} parameters  "
              f"(least-used half of motifs: {self.least_used_half_share:.1%} of blocks)"),
             ("BDM ratio trained / initial (dense)", f"{self.bdm['trained_over_initial']:.4f}"),
             ("BDM ratio MoMos / dense", f"{self.bdm['momos_over_dense']:.4f}"),
-            ("refresh time", f"{self.refresh['seconds']:.2f} s for {self.refresh['count']} refresh"
-                             f"{'es' * (self.refresh['count'] != 1)} "
-                             f"({self.refresh['seconds'] / self.refresh['training_seconds']:.0%} of MoMos "
-                             f"training)"),
+            ("refresh time, paper's recipe", f"{self.refresh['seconds']:.2f} s for {self.refresh['count']} refresh"
+                                             f"{'es' * (self.refresh['count'] != 1)} "
+                                             f"({self.refresh['seconds'] / self.refresh['training_seconds']:.0%} of "
+                                             f"MoMos training)"),
         ]
         width = max(len(label) for label, _ in rows)
         title = (f"momos demo: {s['model']} on {s['data']} ({s['train_samples']} train / {s['test_samples']} test), "
-                 f"s={s['block_size']}, c={s['capacity']}, {s['epochs']} epoch{'s' * (s['epochs'] != 1)}, "
-                 f"seed {s['seed']}")
+                 f"s={s['block_size']}, {s['epochs']} epoch{'s' * (s['epochs'] != 1)}, seed {s['seed']}")
         return "\n".join([title, "", *(f"{label.ljust(width)}  {value}" for label, value in rows)])
 
 
 @dataclass
 class DemoModels:
-    """The demo's data and models: the initial weights, the trained dense MLP and the converted MoMos MLP."""
+    """The demo's data and models: the initial weights, the trained dense MLP, the paper's recipe (MoMos during
+    training, converted) and the recommended one (the dense MLP compressed, its motifs fine-tuned)."""
 
     data: Dataset
     initial: nn.Module
     dense: nn.Module
     dense_history: History
+    paper: nn.Module
+    paper_history: History
     packed: nn.Module
-    momos_history: History
+    recommended_accuracy: list[float]  # test accuracy after the projection, then after each fine-tuning epoch
 
 
 def train_demo_models(*, epochs: int, seed: int = 0, block_size: int = 4, capacity: float = 0.05,
-                      progress: bool = False, log: Log = _quiet) -> DemoModels:
-    """The paper's MLP on digits from one seeded initialization, trained dense and with MoMos (AdamW 3e-4,
-    wd 1e-2, cosine; a refresh after every epoch), the MoMos model converted."""
+                      bits_per_weight: float = 3.0, finetune_epochs: int = FINETUNE_EPOCHS, progress: bool = False,
+                      log: Log = _quiet) -> DemoModels:
+    """The paper's MLP on digits from one seeded initialization, trained three ways.
+
+    Dense (AdamW 3e-4, wd 1e-2, cosine); the paper's recipe, MoMos during training with a refresh after every
+    epoch at `capacity`; and the recommended path, `momos.compress` of the dense MLP at `bits_per_weight` (k-means
+    motifs of the weight matrices) with `finetune_epochs` of motif fine-tuning on the training labels.
+    """
     config = MoMosConfig(block_size=block_size, capacity=capacity, seed=seed)
+    recommended = MoMosConfig(block_size=block_size, bits_per_weight=bits_per_weight, motif_init="kmeans", seed=seed)
     data = digits(seed=seed)
     torch.manual_seed(seed)
     initial = build("mlp", data.input_shape, data.num_classes)
@@ -133,18 +155,26 @@ def train_demo_models(*, epochs: int, seed: int = 0, block_size: int = 4, capaci
     dense = copy.deepcopy(initial)
     dense_history = fit(dense, data, epochs=epochs, optimizer=OPTIMIZERS["mlp"], seed=seed, progress=progress,
                         desc="dense")
-    log(f"training the MLP with MoMos (s={block_size}, c={capacity}) for {epochs} epochs, refreshing after each")
+    log(f"the paper's recipe: training with MoMos (s={block_size}, c={capacity}) for {epochs} epochs, "
+        f"refreshing after each")
     prepared = prepare(initial, config)
-    momos_history = fit(prepared, data, epochs=epochs, refresh="epoch", optimizer=OPTIMIZERS["mlp"], seed=seed,
+    paper_history = fit(prepared, data, epochs=epochs, refresh="epoch", optimizer=OPTIMIZERS["mlp"], seed=seed,
                         progress=progress, desc="MoMos")
-    return DemoModels(data, initial, dense, dense_history, convert(prepared), momos_history)
+    log(f"the recommended path: compressing the dense MLP to {bits_per_weight} bits per weight, then "
+        f"{finetune_epochs} epochs of motif fine-tuning")
+    packed = compress(dense, recommended)
+    accuracy = [evaluate(packed, data.x_test, data.y_test)]
+    batches = [(data.x_train[b], data.y_train[b]) for b in split_batches(torch.arange(len(data.x_train)), 64)]
+    finetune(packed, batches, loss=nn.functional.cross_entropy, epochs=finetune_epochs, lr=FINETUNE_LR, seed=seed,
+             progress=progress, on_epoch=lambda *_: accuracy.append(evaluate(packed, data.x_test, data.y_test)))
+    return DemoModels(data, initial, dense, dense_history, convert(prepared), paper_history, packed.eval(), accuracy)
 
 
 def demo(out: str | os.PathLike, *, epochs: int, seed: int = 0, block_size: int = 4,
-         capacity: float = 0.05, progress: bool = False, log: Log = _quiet) -> DemoResult:
-    """The README's first command: the paper's MLP on digits, trained dense and with MoMos (refresh per epoch).
+         capacity: float = 0.05, bits_per_weight: float = 3.0, progress: bool = False, log: Log = _quiet) -> DemoResult:
+    """The README's first command: the paper's MLP on digits, dense, with the paper's recipe and the recommended one.
 
-    Converts the MoMos model, saves ``mlp.momos`` (and the dense ``dense.pt`` checkpoint), exports
+    Saves the recommended MoMos model as ``mlp.momos`` (and the dense ``dense.pt`` checkpoint), exports
     ``mlp.onnx``, runs it in onnxruntime and checks it against torch (`MoMosError` if a logit differs by
     more than `ONNX_TOLERANCE` or the reloaded .momos differs at all), measures BDM, and writes the plots
     and ``summary.json`` into `out`. Sizes are read from the files on disk.
@@ -153,9 +183,9 @@ def demo(out: str | os.PathLike, *, epochs: int, seed: int = 0, block_size: int 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trained = train_demo_models(epochs=epochs, seed=seed, block_size=block_size, capacity=capacity,
-                                progress=progress, log=log)
+                                bits_per_weight=bits_per_weight, progress=progress, log=log)
     data, initial, dense, packed = trained.data, trained.initial, trained.dense, trained.packed
-    dense_history, momos_history = trained.dense_history, trained.momos_history
+    dense_history, momos_history = trained.dense_history, trained.paper_history
     checkpoint = out / "dense.pt"
     torch.save(dense.state_dict(), checkpoint)
     momos_file = out / "mlp.momos"
@@ -181,27 +211,33 @@ def demo(out: str | os.PathLike, *, epochs: int, seed: int = 0, block_size: int 
 
     log("measuring complexity (BDM) and drawing plots")
     rep = report(packed)
+    parameters = sum(p.numel() for p in dense.parameters())
     usage = _motif_usage(packed)
     files = {key: {"path": str(path), "bytes": path.stat().st_size}
              for key, path in (("checkpoint", checkpoint), ("momos", momos_file), ("onnx", onnx_file))}
     result = DemoResult(
         settings={"model": "mlp", "data": "digits", "epochs": epochs, "seed": seed, "block_size": block_size,
-                  "capacity": capacity, "train_samples": len(data.x_train), "test_samples": len(data.x_test)},
-        accuracy={"dense": dense_history.final_accuracy, "momos_torch": evaluate(packed, data.x_test, data.y_test),
+                  "capacity": capacity, "bits_per_weight": bits_per_weight, "finetune_epochs": FINETUNE_EPOCHS,
+                  "train_samples": len(data.x_train), "test_samples": len(data.x_test)},
+        accuracy={"dense": dense_history.final_accuracy, "momos_paper": momos_history.final_accuracy,
+                  "momos_one_shot": trained.recommended_accuracy[0],
+                  "momos_torch": evaluate(packed, data.x_test, data.y_test),
                   "momos_onnxruntime": float((onnx_logits.argmax(1) == labels).mean()),
                   "momos_reloaded": float((reloaded_logits.argmax(1) == labels).mean())},
         agreement={"predictions_agree": int((onnx_logits.argmax(1) == torch_logits.argmax(1)).sum()),
                    "test_samples": len(labels), "max_abs_logit_diff": max_diff},
         files=files,
-        compression={"numel": rep.numel, "num_blocks": rep.num_blocks, "num_motifs": len(usage),
-                     "bits_per_weight": rep.bits_per_weight,
-                     "bits_per_weight_on_disk": 8 * files["momos"]["bytes"] / rep.numel},
+        compression={"numel": rep.numel, "parameters": parameters, "num_blocks": rep.num_blocks,
+                     "num_motifs": len(usage), "bits_per_weight": rep.bits_per_weight,
+                     "paper_bits_per_weight": report(trained.paper).bits_per_weight,
+                     "bits_per_parameter_on_disk": 8 * files["momos"]["bytes"] / parameters},
         bdm={"trained_over_initial": complexity.ratio(dense, initial),
              "momos_over_dense": complexity.ratio(packed, dense)},
         refresh={"count": len(momos_history.refreshes),
                  "seconds": sum(e.refresh_seconds for e in momos_history.epochs),
                  "training_seconds": sum(e.seconds for e in momos_history.epochs)},
         history={"dense_accuracy": _accuracies(dense_history), "momos_accuracy": _accuracies(momos_history),
+                 "recommended_accuracy": trained.recommended_accuracy,
                  "distortion": [list(r) for r in momos_history.refreshes]},
         motif_usage=usage,
     )
@@ -209,9 +245,12 @@ def demo(out: str | os.PathLike, *, epochs: int, seed: int = 0, block_size: int 
         "accuracy": str(out / "accuracy.png"), "distortion": str(out / "distortion.png"),
         "motif_usage": str(out / "motif_usage.png"),
     }
+    recommended = f"MoMos recommended ({bits_per_weight:g} bits): projection, motif fine-tuning"
     plots.accuracy_per_epoch({"dense": result.history["dense_accuracy"],
-                              f"MoMos s={block_size} c={capacity}": result.history["momos_accuracy"]},
-                             result.plots["accuracy"], title="paper MLP on digits: test accuracy per epoch")
+                              f"MoMos, paper's recipe (c={capacity})": result.history["momos_accuracy"],
+                              recommended: trained.recommended_accuracy},
+                             result.plots["accuracy"], title="paper MLP on digits: test accuracy per epoch",
+                             starts={recommended: epochs})
     plots.distortion(momos_history.refreshes, result.plots["distortion"],
                      title="distortion of each refresh (one per epoch)")
     plots.motif_usage(usage, result.plots["motif_usage"], title="motif usage")

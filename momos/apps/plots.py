@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from momos.complexity import MoMosDependencyError
 
+__all__ = ["accuracy_per_epoch", "accuracy_vs_capacity", "distortion", "least_used_half_share", "motif_usage"]
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -36,18 +38,20 @@ def _save(figure: Figure, path: str | os.PathLike) -> None:
 
 
 def accuracy_per_epoch(series: Mapping[str, Sequence[float]], path: str | os.PathLike, *,
-                       title: str = "test accuracy per epoch") -> None:
-    """One line per named run: test accuracy (fraction) after each epoch."""
+                       title: str = "test accuracy per epoch", starts: Mapping[str, int] | None = None) -> None:
+    """One line per named run: test accuracy (fraction) after each epoch; a run listed in `starts` begins at
+    that epoch (its first value is plotted there) instead of epoch 1."""
     figure, ax = _figure()
     for (label, values), colour in zip(series.items(), _COLOURS, strict=False):
-        ax.plot(range(1, len(values) + 1), [100 * v for v in values], marker="o", markersize=3, label=label,
+        first = (starts or {}).get(label, 1)
+        ax.plot(range(first, first + len(values)), [100 * v for v in values], marker="o", markersize=3, label=label,
                 color=colour)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right", fontsize="small")
     _save(figure, path)
 
 

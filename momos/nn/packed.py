@@ -19,8 +19,8 @@ from momos.blocks import num_blocks, reconstruct
 from momos.config import MoMosConfig
 from momos.errors import MoMosStateError
 
-__all__ = ["MotifTable", "PackedTensor", "dense_copy", "index_bits", "is_packed", "members", "mosaic_dtype",
-           "packed_tensors", "unpacked_state"]
+__all__ = ["MotifTable", "PackedTensor", "dense_copy", "freeze_motifs", "index_bits", "is_packed", "members",
+           "mosaic_dtype", "motif_tables", "packed_tensors", "train_motifs", "unpacked_state"]
 
 PACKED_ATTR = "momos_packed"
 
@@ -57,9 +57,33 @@ class MotifTable(nn.Module):
     def block_size(self) -> int:
         return self.motifs.shape[1]
 
+    @property
+    def trainable(self) -> bool:
+        """Whether the motifs are a parameter (see `train_motifs`) rather than a buffer."""
+        return isinstance(self.motifs, nn.Parameter)
+
+    def set_trainable(self, trainable: bool) -> None:
+        """Make the motifs a trainable parameter, or a buffer again; their values and state-dict key stay."""
+        if trainable == self.trainable:
+            return
+        motifs = self.motifs.detach()
+        delattr(self, "motifs")
+        if trainable:
+            self.motifs = nn.Parameter(motifs)
+        else:
+            self.register_buffer("motifs", motifs)
+
+    def decoding_table(self) -> torch.Tensor:
+        """The motifs a `PackedTensor` decodes with. While they train, a forced zero motif is held out of autograd:
+        its gradient is then exactly zero, so no optimizer that steps on gradients moves it."""
+        motifs = self.motifs
+        if motifs.requires_grad and self.config.force_zero:
+            return torch.cat([motifs[:1].detach(), motifs[1:]])
+        return motifs
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, num_motifs={self.num_motifs}, block_size={self.block_size}, " \
-               f"motif_dtype={self.config.motif_dtype}"
+               f"motif_dtype={self.config.motif_dtype}, trainable={self.trainable}"
 
 
 class PackedTensor(nn.Module):
@@ -86,7 +110,7 @@ class PackedTensor(nn.Module):
         return self.mosaic.shape[0]
 
     def forward(self) -> torch.Tensor:
-        return reconstruct(self.table.motifs, self.mosaic, self.shape, dtype=self.dtype)
+        return reconstruct(self.table.decoding_table(), self.mosaic, self.shape, dtype=self.dtype)
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, dtype={self.dtype}, mosaic_dtype={self.mosaic.dtype}"
@@ -154,6 +178,49 @@ def packed_tensors(model: nn.Module) -> Iterator[tuple[str, PackedTensor]]:
 def is_packed(model: nn.Module) -> bool:
     """Whether `model` holds at least one packed MoMos tensor."""
     return any(True for _ in packed_tensors(model))
+
+
+def motif_tables(model: nn.Module) -> list[MotifTable]:
+    """Every motif table of `model`'s packed tensors, once each, in module order."""
+    tables: dict[int, MotifTable] = {}
+    for _, packed in packed_tensors(model):
+        tables.setdefault(id(packed.table), packed.table)
+    return list(tables.values())
+
+
+def train_motifs(model: nn.Module, *, dense: bool = False) -> list[nn.Parameter]:
+    """Make the motif tables of the packed `model` trainable, in place, for fine-tuning with any optimizer.
+
+    The mosaics stay fixed, so the model stays a packed model that saves, loads and exports unchanged; a motif's
+    gradient is the sum of the gradients of the blocks that use it, and a forced zero motif stays exactly zero.
+    Every other parameter of `model` gets ``requires_grad=dense``. `freeze_motifs` undoes the change of the tables.
+
+    Args:
+        model: a converted model (`momos.convert` or `momos.load`).
+        dense: also train the parameters MoMos left dense (biases, norms, ...).
+
+    Returns:
+        The parameters to optimize: the motif tables, then (with `dense`) the other parameters.
+
+    Raises:
+        MoMosStateError: `model` holds no packed tensor.
+    """
+    tables = motif_tables(model)
+    if not tables:
+        raise MoMosStateError("model has no packed MoMos tensor: call momos.convert(model) before train_motifs")
+    for table in tables:
+        table.set_trainable(True)
+    motif_ids = {id(table.motifs) for table in tables}
+    others = [p for p in model.parameters() if id(p) not in motif_ids]
+    for param in others:
+        param.requires_grad_(dense and param.is_floating_point())
+    return [table.motifs for table in tables] + [p for p in others if p.requires_grad]
+
+
+def freeze_motifs(model: nn.Module) -> None:
+    """Turn every trainable motif table of `model` back into a buffer (the state after `momos.convert`)."""
+    for table in motif_tables(model):
+        table.set_trainable(False)
 
 
 def unpacked_state(model: nn.Module) -> dict[str, torch.Tensor]:

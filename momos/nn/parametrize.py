@@ -36,12 +36,13 @@ class MotifBank(nn.Module):
     buffers of arbitrary values, which must neither pass for a bank nor seed the next draw.
     """
 
-    def __init__(self, name: str, config: MoMosConfig, num_blocks: int, device: torch.device | None = None) -> None:
+    def __init__(self, name: str, config: MoMosConfig, num_blocks: int, device: torch.device | None = None,
+                 num_weights: int | None = None) -> None:
         super().__init__()
         self.name = name
         self.config = config
         self.num_blocks = num_blocks
-        k = config.num_motifs_for(num_blocks)
+        k = config.num_motifs_for(num_blocks, num_weights)
         self.register_buffer("motifs", torch.zeros(k, config.block_size, dtype=TORCH_DTYPES[config.motif_dtype],
                                                    device=device))
         self.register_buffer("refreshes", torch.zeros((), dtype=torch.int64, device=device))

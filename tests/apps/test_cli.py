@@ -82,11 +82,19 @@ def test_demo_writes_every_file_and_its_table_matches_them(demo_run: tuple) -> N
         assert int(row.group(1).replace(",", "")) == size
         if key != "checkpoint":
             assert float(row.group(2)) == pytest.approx(checkpoint / size, abs=0.05)
-    numel = sum(p.numel() for p in build("mlp", (1, 8, 8), 10).parameters())
-    assert summary["compression"]["numel"] == numel
-    assert summary["compression"]["bits_per_weight_on_disk"] == pytest.approx(
+    mlp = build("mlp", (1, 8, 8), 10)
+    numel = sum(p.numel() for p in mlp.parameters())
+    assert summary["compression"]["parameters"] == numel
+    assert summary["compression"]["numel"] == sum(p.numel() for n, p in mlp.named_parameters() if n.endswith("weight"))
+    assert summary["compression"]["bits_per_parameter_on_disk"] == pytest.approx(
         8 * (out / "mlp.momos").stat().st_size / numel)
     assert f"{summary['compression']['bits_per_weight']:.3f}" in table
+    assert summary["compression"]["bits_per_weight"] <= 3.0  # the recommended path's default size
+    accuracy = summary["accuracy"]
+    for key in ("dense", "momos_paper", "momos_one_shot", "momos_torch"):
+        assert f"{accuracy[key]:.2%}" in table
+    assert len(summary["history"]["recommended_accuracy"]) == 1 + summary["settings"]["finetune_epochs"]
+    assert summary["history"]["recommended_accuracy"][-1] == accuracy["momos_torch"]
     assert (summary["settings"]["epochs"], summary["settings"]["seed"]) == (1, 3)
     assert summary["refresh"]["count"] == 1 and len(summary["history"]["distortion"]) == 1
     assert sum(summary["motif_usage"]) == summary["compression"]["num_blocks"]
@@ -113,11 +121,12 @@ def test_demo_training_is_repeatable() -> None:
     from momos.apps.experiments import train_demo_models
 
     first, second = (train_demo_models(epochs=1, seed=5) for _ in range(2))
-    for a, b in ((first.dense, second.dense), (first.packed, second.packed)):
+    for a, b in ((first.dense, second.dense), (first.paper, second.paper), (first.packed, second.packed)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert first.momos_history.final_accuracy == second.momos_history.final_accuracy
+    assert first.paper_history.final_accuracy == second.paper_history.final_accuracy
+    assert first.recommended_accuracy == second.recommended_accuracy
 
 
 @pytest.fixture()
@@ -152,8 +161,11 @@ def test_compress_export_inspect_complexity_on_a_user_model(user_files: Path) ->
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["file"]["bytes"] == (d / "model.momos").stat().st_size
-    assert out["report"]["total"]["numel"] == sum(p.numel() for p in _small().parameters())
+    weights = [p for n, p in _small().named_parameters() if n.endswith("weight")]
+    assert out["report"]["total"]["numel"] == sum(p.numel() for p in weights)  # biases stay dense
+    assert [d["name"] for d in out["report"]["dense"]] == ["1.bias", "3.bias"]
     assert set(out["accuracy"]) == {"dense", "momos_before_finetune", "momos"}
+    assert out["accuracy"]["momos"] >= out["accuracy"]["momos_before_finetune"] - 0.05
     packed = momos.load(d / "model.momos", _small())
     assert momos.report(packed).to_dict()["total"] == pytest.approx(out["report"]["total"])
     assert {t["num_motifs"] for t in out["report"]["tensors"]} == {int(0.1 * out["report"]["total"]["num_blocks"])}
@@ -161,6 +173,12 @@ def test_compress_export_inspect_complexity_on_a_user_model(user_files: Path) ->
     text = run("compress", "--model", "usermodel:small", "--weights", "weights.pt", "-o", "plain.momos", cwd=d)
     assert text.returncode == 0, text.stderr
     assert "total" in text.stdout and f"{(d / 'plain.momos').stat().st_size:,} bytes" in text.stdout
+    assert momos.report(momos.load(d / "plain.momos", _small())).bits_per_weight <= 3.0  # the default size
+    calibrated = run("compress", "--model", "usermodel:small", "--weights", "weights.pt", "--bits", "2",
+                     "--calibrate", "data.npz", "--epochs", "2", "-o", "calibrated.momos", "--json", cwd=d)
+    assert calibrated.returncode == 0, calibrated.stderr
+    out = json.loads(calibrated.stdout)
+    assert out["accuracy"] is None and out["report"]["total"]["bits_per_weight"] <= 2.0
 
     result = run("export", "model.momos", "--model", "usermodel:small", "--input-shape", "16", "-o", "model.onnx",
                  cwd=d)
@@ -174,7 +192,8 @@ def test_compress_export_inspect_complexity_on_a_user_model(user_files: Path) ->
     assert inspected.returncode == 0, inspected.stderr
     info = json.loads(inspected.stdout)
     assert info["file_bytes"] == (d / "model.momos").stat().st_size
-    assert {t["name"] for t in info["tensors"]} == {"1.weight", "1.bias", "3.weight", "3.bias"}
+    assert {t["name"] for t in info["tensors"]} == {"1.weight", "3.weight"}
+    assert {t["name"] for t in info["dense"]} == {"1.bias", "3.bias"}
     inspected = run("inspect", "model.onnx", cwd=d)
     assert inspected.returncode == 0, inspected.stderr
     assert f"{(d / 'model.onnx').stat().st_size:,} bytes" in inspected.stdout

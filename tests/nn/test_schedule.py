@@ -26,6 +26,6 @@ def test_refresh_every_n_optimizer_steps_and_remove():
 
 @pytest.mark.parametrize("steps", [0, -1, 1.5, True])
 def test_refresh_every_rejects_bad_steps(steps):
-    model = momos.prepare(nn.Linear(2, 2), MoMosConfig(capacity=0.5))
+    model = momos.prepare(nn.Linear(8, 2), MoMosConfig(capacity=0.5))
     with pytest.raises(MoMosConfigError, match="steps"):
         momos.refresh_every(model, torch.optim.SGD(model.parameters(), lr=0.1), steps)
