@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -123,6 +124,36 @@ def test_memory_arena_option(exported: tuple[Path, nn.Module, np.ndarray], weigh
     expected_out = packed(torch.from_numpy(x)).detach().numpy()
     for _ in range(2):  # a second run reuses (arena) or reallocates (no arena) the decoded weights
         assert np.abs(session.run({"input": x})["output"] - expected_out).max() <= 1e-5
+
+
+@pytest.mark.parametrize("weights", ["folded", "compact"])
+def test_the_graph_onnxruntime_runs_holds_dense_weights_only_when_folded(
+        exported: tuple[Path, nn.Module, np.ndarray], weights: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # onnxruntime writes the graph it runs, after its load-time optimizations, to a file its options name.
+    path, packed, x = exported
+    optimized = tmp_path / "optimized.onnx"
+    open_session = ort.InferenceSession
+
+    def writing_the_optimized_graph(model_path: str, options: ort.SessionOptions,
+                                    **kwargs: object) -> ort.InferenceSession:
+        options.optimized_model_filepath = str(optimized)
+        return open_session(model_path, options, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", writing_the_optimized_graph)
+    session = runtime.load(path, weights)
+    ran, exported_graph = onnx.load(optimized).graph, onnx.load(path).graph
+    shapes = sorted(tuple(t.shape) for _, t in packed_tensors(packed))
+    held = sorted((i.name, tuple(i.dims)) for i in ran.initializer)
+    decoders = [n.op_type for n in ran.node].count("Gather")
+    if weights == "compact":  # the file's motifs, mosaics and shape constants only: each run decodes the weights
+        assert held == sorted((i.name, tuple(i.dims)) for i in exported_graph.initializer)
+        assert decoders == [n.op_type for n in exported_graph.node].count("Gather") == len(shapes)
+    else:  # decoded once at load: a dense initializer per weight, no decoder left
+        assert sorted(dims for _, dims in held) == shapes
+        assert decoders == 0
+    expected = packed(torch.from_numpy(x)).detach().numpy()
+    assert np.abs(session.run({"input": x})["output"] - expected).max() <= 1e-5
 
 
 def test_release_free_memory_trims_the_glibc_heap() -> None:

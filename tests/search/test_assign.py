@@ -76,6 +76,26 @@ def test_faiss_near_ties_far_from_the_origin_are_decided_exactly():
         assert torch.equal(assign.nearest(blocks, motifs, engine=engine), expected)
 
 
+@pytest.mark.parametrize(("dtype", "offset", "noise", "blas"), [
+    (torch.float64, 1e3, 1e-4, False),  # faiss rounds float64 blocks to float32: noise near that rounding
+    (torch.float64, 1e4, 1e-3, False),
+    (torch.float32, 1e2, 1e-1, True),  # |x|^2 + |z|^2 - 2 x.z in float32 cancels all but ~1e-7 |x|^2
+    (torch.float32, 1e3, 1.0, True),
+])
+def test_faiss_float32_error_far_from_the_origin_is_bounded(dtype, offset, noise, blas, monkeypatch):
+    # Blocks and motifs in a small cloud far from the origin: faiss's float32 distances err by about the gaps
+    # between a block's nearest motifs and rank them wrongly for many blocks; faiss's answer may stand only
+    # where the engine's error bound proves it.
+    if blas:  # faiss takes its BLAS path only for many queries at once
+        monkeypatch.setattr(faiss.cvar, "distance_compute_blas_threshold", 0)
+    g = torch.Generator().manual_seed(3)
+    blocks = offset + noise * torch.randn(2000, 8, generator=g, dtype=torch.float64).to(dtype)
+    motifs = offset + noise * torch.randn(200, 8, generator=g, dtype=torch.float64).to(dtype)
+    expected = assign.nearest(blocks, motifs, engine="torch")
+    wrong = int((assign.nearest(blocks, motifs, engine="faiss") != expected).sum())
+    assert wrong == 0, f"faiss's engine answered {wrong} of 2000 blocks wrongly"
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_other_dtypes(dtype):
     g = torch.Generator().manual_seed(1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +64,18 @@ def test_neighbors_are_the_nearest_by_distance_then_index(problem: tuple[np.ndar
         assert set(found[i].tolist()) == set(ranked[:count].tolist())
         assert found[i, 0] == ranked[count - 1]  # the farthest first
         np.testing.assert_array_equal(d[i], every[i, found[i]])
+
+
+def test_a_tie_on_a_box_face_survives_the_rounding_of_the_box_distance() -> None:
+    # Motifs on the grid of three 40-bit fractions an axis (in product order), queries at every midpoint: many
+    # motifs tie exactly and lie on a split plane. The tree sums a box's distance in its own axis order, which
+    # can round above the D of a tied motif on the box's face: without an allowance for that rounding the
+    # tree skips motif 37 for one of these queries and keeps motif 46, at the same D.
+    values = np.array([[616106925666, 718968539453, 884214834843], [131870992078, 283380829893, 670433501148],
+                       [37284274092, 50951471710, 254825520235], [224409147671, 465841373603, 613178590285]]) / 2**40
+    motifs = np.array(list(itertools.product(*values)))
+    x = np.array(list(itertools.product(*[np.unique(np.add.outer(v, v)) / 2 for v in values])))
+    np.testing.assert_array_equal(MotifTree(motifs).nearest(x), definition(x, motifs))
 
 
 @settings(max_examples=30, deadline=None)
