@@ -15,10 +15,16 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from momos.blocks import num_blocks, to_blocks
+from momos.errors import MoMosConfigError
 from momos.search.assign import MotifSearch
+
+__all__ = ["KMEANS_POINTS_PER_MOTIF", "block_chunks", "draw_without_replacement", "gather_blocks", "kmeans_motifs",
+           "sample_motifs"]
 
 # Values per chunk of blocks read at once.
 _CHUNK = 1 << 18
+# k-means runs over at most this many blocks per motif, a uniform sample of a larger bank's blocks.
+KMEANS_POINTS_PER_MOTIF = 256
 
 
 def draw_without_replacement(population: int, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -84,11 +90,33 @@ def sample_motifs(tensors: Sequence[torch.Tensor], block_size: int, num_motifs: 
 
 
 def kmeans_motifs(tensors: Sequence[torch.Tensor], block_size: int, motifs: torch.Tensor, *, iterations: int,
-                  force_zero: bool) -> torch.Tensor:
-    """Lloyd iterations from `motifs` over all blocks of `tensors`; an emptied cluster keeps its motif, a forced
-    zero motif stays zero. Stops early once the motifs stop changing."""
+                  force_zero: bool, generator: torch.Generator | None = None,
+                  points_per_motif: int = KMEANS_POINTS_PER_MOTIF) -> torch.Tensor:
+    """Lloyd iterations from `motifs`; an emptied cluster keeps its motif, a forced zero motif stays zero. Stops
+    early once the motifs stop changing.
+
+    Args:
+        tensors: the tensors whose blocks are clustered.
+        block_size: s.
+        motifs: the ``(k, s)`` start, e.g. `sample_motifs`.
+        iterations: the most Lloyd iterations.
+        force_zero: keep motif 0 at zero.
+        generator: draws the sample below; needed when there are more blocks than ``points_per_motif * k``.
+        points_per_motif: where the tensors hold more blocks than this many per motif, the iterations run over
+            a uniform sample of that many blocks per motif (drawn without replacement, once), as faiss's k-means
+            does: the centroids move as on all blocks up to sampling noise, at a fraction of the searches.
+
+    Returns:
+        The refined ``(k, s)`` motifs, in the dtype of `motifs`.
+    """
     motifs = motifs.clone()
     m = sum(num_blocks(t.numel(), block_size) for t in tensors)
+    sample = points_per_motif * motifs.shape[0]
+    if m > sample:
+        if generator is None:
+            raise MoMosConfigError(f"kmeans_motifs needs a generator to sample {sample} of the {m} blocks")
+        rows = draw_without_replacement(m, sample, generator).sort().values
+        tensors, m = [gather_blocks(tensors, block_size, rows)], sample
     for _ in range(iterations):
         search = MotifSearch(motifs, num_queries=m)
         counts = torch.zeros(motifs.shape[0], dtype=torch.float64)

@@ -1,7 +1,9 @@
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import momos
 from momos import bank
 from momos.bank import draw_without_replacement, gather_blocks, kmeans_motifs, sample_motifs
 from momos.blocks import to_blocks
@@ -82,3 +84,24 @@ def test_kmeans_reads_blocks_in_chunks_with_the_same_result(monkeypatch):
     whole = kmeans_motifs(tensors, 4, start, iterations=4, force_zero=True)
     monkeypatch.setattr(bank, "_CHUNK", 8)  # two blocks per chunk
     assert torch.allclose(kmeans_motifs(tensors, 4, start, iterations=4, force_zero=True), whole, atol=1e-6)
+
+
+def test_kmeans_of_a_large_bank_runs_on_a_uniform_sample_of_its_blocks():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(900, 4, generator=g), torch.randn(1203, generator=g)]  # 1,201 blocks of 4
+    start = sample_motifs(tensors, 4, 10, force_zero=True, generator=g)
+    sampled = kmeans_motifs(tensors, 4, start, iterations=6, force_zero=True, points_per_motif=50,
+                            generator=torch.Generator().manual_seed(7))
+    # The same iterations over the 500 blocks the generator draws.
+    rows = draw_without_replacement(1201, 500, torch.Generator().manual_seed(7)).sort().values
+    want = kmeans_motifs([gather_blocks(tensors, 4, rows)], 4, start, iterations=6, force_zero=True)
+    assert torch.equal(sampled, want) and torch.equal(sampled[0], torch.zeros(4))
+    everything = kmeans_motifs(tensors, 4, start, iterations=6, force_zero=True)
+    blocks = torch.cat([to_blocks(t, 4) for t in tensors])
+
+    def distortion(motifs):
+        return float(((blocks - motifs[nearest(blocks, motifs)]) ** 2).sum())
+
+    assert distortion(sampled) < distortion(start) and distortion(sampled) < 1.05 * distortion(everything)
+    with pytest.raises(momos.MoMosConfigError, match="generator"):
+        kmeans_motifs(tensors, 4, start, iterations=1, force_zero=True, points_per_motif=50)

@@ -312,10 +312,11 @@ def refresh_bank(bank: MotifBank, members: list[Member]) -> tuple[BankStats, lis
         for (name, _, _), weight in zip(members, weights, strict=True):
             if not torch.isfinite(weight).all():
                 raise MoMosValueError(f"tensor {name!r} holds NaN or Inf values; cannot refresh it")
-        motifs = sample_motifs(weights, s, bank.num_motifs, force_zero=config.force_zero,
-                               generator=bank.generator())
+        generator = bank.generator()
+        motifs = sample_motifs(weights, s, bank.num_motifs, force_zero=config.force_zero, generator=generator)
         if config.motif_init == "kmeans":
-            motifs = kmeans_motifs(weights, s, motifs, iterations=config.kmeans_iters, force_zero=config.force_zero)
+            motifs = kmeans_motifs(weights, s, motifs, iterations=config.kmeans_iters, force_zero=config.force_zero,
+                                   generator=generator)
         # Round through the stored dtype so the weights written are exactly what the packed form decodes.
         stored = motifs.to(bank.motifs.dtype)
         motifs = stored.to(weights[0].dtype)
