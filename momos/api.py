@@ -132,7 +132,8 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     Hard mode: a bank whose weights moved since its last refresh (or that was never refreshed) is
     refreshed once more first; otherwise its current bank and mosaic are packed as they are. STE mode:
     the mosaic packed is the assignment of the latent weights to the current bank, which is what the
-    forward uses (a bank never refreshed is refreshed first).
+    forward uses (a bank never refreshed is refreshed first). A tied parameter (prepared once, under its
+    first name) becomes one packed tensor that each of its owners reads, so the tie holds.
     """
     banks = _banks(model)
     for name, module, tensor_name in (member for _, members in banks for member in members):
@@ -147,7 +148,8 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             if parametrize.is_parametrized(module):
                 own_class(module)  # removing the copy's parametrizations must not touch the original
         banks = _banks(model)
-    converted = []
+    slots = _parameter_slots(model)
+    converted, tied = [], []
     for bank, members in banks:
         if _stale(bank, members):
             refresh_bank(bank, members)
@@ -159,14 +161,31 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             if bank.config.mode == "ste":
                 mosaic = assign.nearest(to_blocks(weight, bank.block_size), bank.motifs.to(weight.dtype))
             rmse = float((param.distortion / param.numel).sqrt())
-            converted.append((module, tensor_name, PackedTensor(table, mosaic, param.shape, weight.dtype, rmse)))
+            packed = PackedTensor(table, mosaic, param.shape, weight.dtype, rmse)
+            converted.append((module, tensor_name, packed))
+            # The other owners of a tied parameter (prepared once, under its first name) read the same packed
+            # tensor, so the tie holds and the tensor is stored once.
+            tied += [(owner, name, packed) for owner, name in slots.get(id(latent(module, tensor_name)), [])]
     # Remove every parametrization before attaching: torch restores a module's class when its last
     # parametrization goes, which must happen before the packed class is put on top.
     for module, tensor_name, _ in converted:
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=False)
-    for module, tensor_name, packed in converted:
+    for module, tensor_name, packed in converted + tied:
         attach(module, tensor_name, packed)
     return model
+
+
+def _parameter_slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(parameter) -> every (module, name) that holds it as a plain parameter (a parametrized one's latent
+    tensor is held by its ParametrizationList, which is left out)."""
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        if isinstance(module, parametrize.ParametrizationList):
+            continue
+        for name, param in module._parameters.items():
+            if param is not None:
+                slots.setdefault(id(param), []).append((module, name))
+    return slots
 
 
 # What `compress` compresses by default: the weight matrices of these module types (biases and norms stay dense).

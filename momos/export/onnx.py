@@ -68,19 +68,21 @@ import torch
 from onnxscript import optimizer
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils import _pytree as pytree
 
 from momos.errors import MoMosExportError
-from momos.nn.packed import MotifTable, PackedTensor, dense_copy, index_bits, packed_tensors
+from momos.nn.packed import MotifTable, PackedTensor, dense_copy, index_bits, packed_tensors, tied_tensors
 from momos.runtime import metadata as meta
 
-__all__ = ["DEFAULT_OPSET", "LAYOUTS", "LOOKUPS", "MIN_OPSET", "pack_indices", "require_runtime", "to_onnx",
-           "unpack_indices"]
+__all__ = ["ALL_AXES", "DEFAULT_OPSET", "LAYOUTS", "LOOKUPS", "MIN_OPSET", "pack_indices", "require_runtime",
+           "to_onnx", "unpack_indices"]
 
 LAYOUTS = ("packed", "native")
 LOOKUPS = ("gather", "planes")
 _ML_DOMAIN, _ML_OPSET = "ai.onnx.ml", 3
 DEFAULT_OPSET = 21
 MIN_OPSET = 18  # BitwiseAnd/BitwiseOr
+ALL_AXES = "all"  # dynamic_shapes: every axis of every input that the model lets vary
 
 
 _MOTIF_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16,
@@ -95,22 +97,31 @@ _UNPACK_NODE_BYTES = 300  # what the unpack nodes of one tensor add to the file 
 def to_onnx(packed_model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor],
             path: str | os.PathLike, *, mosaic_layout: str = "packed", input_names: Sequence[str] | None = None,
             output_names: Sequence[str] | None = None, opset: int = DEFAULT_OPSET,
-            motif_lookup: str = "gather") -> onnx.ModelProto:
+            motif_lookup: str = "gather", dynamic_shapes: Any = None) -> onnx.ModelProto:
     """Write `packed_model` (the result of `momos.convert`) to `path` as ONNX and return the model proto.
 
     The file passes onnx.checker, carries the lowest IR version that holds `opset`, and is checked to load
-    in the installed onnxruntime.
+    in the installed onnxruntime. A tied tensor (one packed tensor read under several names) is stored and
+    decoded once.
 
     Args:
         packed_model: a converted model.
-        example_inputs: the positional tensor inputs of one forward call; dimension 0 of each is exported
-            as a dynamic batch dimension.
+        example_inputs: the positional tensor inputs of one forward call.
         path: where to write the file.
         mosaic_layout: how mosaics are stored, one of `LAYOUTS` (see the module doc).
         input_names: the inputs' names (default ``input``, or ``input_0, input_1, ...``).
-        output_names: the outputs' names (default ``output``, or ``output_0, output_1, ...``).
+        output_names: the outputs' names (default: the keys of a dict or ModelOutput, the fields of a
+            NamedTuple, joined with ``.`` where nested; ``output``, or ``output_0, output_1, ...`` for plain
+            tensors and sequences).
         opset: the ONNX opset, at least `MIN_OPSET`.
         motif_lookup: the decode op, one of `LOOKUPS` (see the module doc).
+        dynamic_shapes: which input axes may vary, as in ``torch.onnx.export(dynamo=True)`` (torch.export's
+            format: per input a dict or sequence of axis -> ``torch.export.Dim`` or a name string, which
+            becomes the ONNX dim's name). None (default): dimension 0 of every input, named ``batch``.
+            `ALL_AXES` (``"all"``): every axis of every input that the model lets vary (the others stay
+            fixed), named ``batch`` for dimension 0 and ``<input>_dim<i>`` otherwise. With None and
+            ``"all"`` a batch of 1 is traced as 2; trace every other dynamic axis with a size of at least 2,
+            since torch.export fixes axes of size 1.
 
     Returns:
         The model proto written.
@@ -126,34 +137,47 @@ def to_onnx(packed_model: nn.Module, example_inputs: torch.Tensor | Sequence[tor
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
         raise MoMosExportError(f"opset must be an integer >= {MIN_OPSET} (BitwiseAnd/BitwiseOr), got {opset!r}")
     tensors = _check_converted(packed_model)
-    inputs = _check_inputs(packed_model, example_inputs)
+    named_axes = dynamic_shapes is None or (isinstance(dynamic_shapes, str) and dynamic_shapes == ALL_AXES)
+    if isinstance(dynamic_shapes, str) and not named_axes:
+        raise MoMosExportError(f"dynamic_shapes must be None, {ALL_AXES!r} or torch.export's dynamic shapes, "
+                               f"got {dynamic_shapes!r}")
+    inputs, output = _check_inputs(packed_model, example_inputs, needs_batch=dynamic_shapes is None)
     input_names = _names(input_names, len(inputs), "input")
+    if dynamic_shapes is None:
+        dynamic_shapes = tuple({0: torch.export.Dim.DYNAMIC} for _ in inputs)
+    elif named_axes:  # AUTO: an axis the model does not let vary stays fixed instead of failing the export
+        dynamic_shapes = tuple({axis: torch.export.Dim.AUTO for axis in range(x.dim())} for x in inputs)
+    if named_axes:
+        inputs = _batch_of_two(inputs)
 
     # Decoded weights named by their fully-qualified names, which is how the decoders find them; on the CPU,
     # since an ONNX file holds no device.
     dense = dense_copy(packed_model).cpu().eval()
     try:
         program = torch.onnx.export(
-            dense, tuple(x.cpu() for x in _batch_of_two(inputs)), dynamo=True, optimize=False, opset_version=opset,
+            dense, tuple(x.cpu() for x in inputs), dynamo=True, optimize=False, opset_version=opset,
             input_names=input_names, output_names=list(output_names) if output_names is not None else None,
-            dynamic_shapes=tuple({0: torch.export.Dim.DYNAMIC} for _ in inputs), verbose=False,
+            dynamic_shapes=dynamic_shapes, verbose=False,
         )
     except Exception as e:  # the exporter raises many types; all mean "this forward cannot be exported"
         raise MoMosExportError(f"torch.onnx.export failed for {type(packed_model).__name__}: {e}") from e
     model = program.model
     num_outputs = len(model.graph.outputs)
     if output_names is None:
-        for value, name in zip(model.graph.outputs, _names(None, num_outputs, "output"), strict=True):
+        for value, name in zip(model.graph.outputs, _output_names(output, num_outputs), strict=True):
             value.name = name
     elif len(output_names) != num_outputs:
         raise MoMosExportError(f"output_names has {len(output_names)} names, the model has {num_outputs} outputs")
 
-    _name_batch_dim(model.graph)
-    hidden = _insert_decoders(model.graph, tensors, mosaic_layout, opset, motif_lookup)
+    _fix_pinned_dims(model.graph, program.exported_program)
+    if named_axes:
+        _name_dims(model.graph)
+    hidden = _insert_decoders(model.graph, tensors, tied_tensors(packed_model), mosaic_layout, opset,
+                              motif_lookup)
     if motif_lookup == "planes":
         model.opset_imports[_ML_DOMAIN] = _ML_OPSET
     _optimize_around(model, hidden)
-    model.metadata_props.update(_metadata(tensors, mosaic_layout, opset))
+    model.metadata_props.update(_metadata(tensors, tied_tensors(packed_model), mosaic_layout, opset))
     model.ir_version = onnx.helper.find_min_ir_version_for(
         [onnx.helper.make_opsetid("", opset)], ignore_unknown=True)
     if any(v.const_value is not None and v.const_value.dtype in (ir.DataType.UINT4, ir.DataType.UINT2)
@@ -203,21 +227,23 @@ def _check_converted(model: nn.Module) -> list[tuple[str, PackedTensor]]:
     return tensors
 
 
-def _check_inputs(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def _check_inputs(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor],
+                  needs_batch: bool) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """(the inputs as a tuple, the model's output on them)."""
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not inputs or not all(isinstance(x, torch.Tensor) for x in inputs):
         kinds = [type(x).__name__ for x in inputs]
         raise MoMosExportError(f"example_inputs must be one tensor or a sequence of tensors, got {kinds}")
-    if any(x.dim() == 0 for x in inputs):
+    if needs_batch and any(x.dim() == 0 for x in inputs):
         raise MoMosExportError("every example input needs a batch dimension (dim 0); got a 0-d tensor")
     try:
         with torch.no_grad():
-            model(*inputs)
+            output = model(*inputs)
     except Exception as e:  # whatever the forward raises means the signature does not fit
         shapes = [f"{tuple(x.shape)} {x.dtype}" for x in inputs]
         raise MoMosExportError(f"example_inputs {shapes} do not fit the forward of "
                                f"{type(model).__name__}: {type(e).__name__}: {e}") from e
-    return inputs
+    return inputs, output
 
 
 def _names(names: Sequence[str] | None, count: int, stem: str) -> list[str]:
@@ -228,9 +254,27 @@ def _names(names: Sequence[str] | None, count: int, stem: str) -> list[str]:
     return list(names)
 
 
+def _output_names(output: Any, count: int) -> list[str]:
+    """The names of the `count` graph outputs flattened from the forward's `output`: a dict's (or
+    ModelOutput's) keys, a NamedTuple's fields, joined with ``.`` where nested; the positions of a sequence
+    as ``output_<i>``; ``output`` for one tensor. Where the tensors do not match the graph's outputs one to
+    one (an output the exporter drops or adds), ``output_<i>`` for each."""
+    paths = [path for path, leaf in pytree.tree_flatten_with_path(output)[0] if isinstance(leaf, torch.Tensor)]
+    names = []
+    for path in paths:
+        parts = [str(k.key) if isinstance(k, pytree.MappingKey) else k.name if isinstance(k, pytree.GetAttrKey)
+                 else str(k.idx) if isinstance(k, pytree.SequenceKey) else str(k) for k in path]
+        if path and isinstance(path[0], pytree.SequenceKey):
+            parts[0] = f"output_{parts[0]}"
+        names.append(".".join(parts) or "output")
+    if len(names) != count or len(set(names)) != count:
+        return _names(None, count, "output")
+    return names
+
+
 def _batch_of_two(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """Trace with batch 2: torch.export specialises a batch of 1 to a constant."""
-    return tuple(torch.cat([x, x]) if x.shape[0] == 1 else x for x in inputs)
+    return tuple(torch.cat([x, x]) if x.dim() and x.shape[0] == 1 else x for x in inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,9 +411,12 @@ def _motif_array(table: MotifTable) -> np.ndarray:
     return motifs.numpy()
 
 
-def _insert_decoders(graph: ir.Graph, tensors: list[tuple[str, PackedTensor]], layout: str,
+def _insert_decoders(graph: ir.Graph, tensors: list[tuple[str, PackedTensor]], tied: dict[str, str], layout: str,
                      opset: int, lookup: str) -> list[ir.Value]:
-    """Replace each MoMos tensor's dense initializer by its decode subgraph; return the compressed initializers."""
+    """Replace each MoMos tensor's dense initializer by its decode subgraph; return the compressed initializers.
+
+    The exporter names a tied tensor's one initializer by one of its names (`tied`: further name -> first),
+    not necessarily the first; its decoder takes the first name."""
     hidden: list[ir.Value] = []
     tables: dict[int, ir.Value] = {}
     constants: dict[tuple[bytes, str, tuple[int, ...]], ir.Value] = {}
@@ -380,7 +427,17 @@ def _insert_decoders(graph: ir.Graph, tensors: list[tuple[str, PackedTensor]], l
         for value in node.inputs:
             if value is not None and value.is_initializer():
                 first_use.setdefault(value.name, node)
+    aliases: dict[str, list[str]] = {}
+    for name, first in tied.items():
+        aliases.setdefault(first, []).append(name)
     for position, (fqn, packed) in enumerate(tensors):
+        exported = next((n for n in [fqn, *aliases.get(fqn, [])] if n in graph.initializers), fqn)
+        if exported != fqn:  # the decoder finds and replaces the initializer under the tensor's first name
+            value = graph.initializers.pop(exported)
+            value.name = fqn
+            graph.register_initializer(value)
+            if exported in first_use:
+                first_use[fqn] = first_use.pop(exported)
         dense = graph.initializers.get(fqn)
         if dense is None:
             raise MoMosExportError(f"the exported graph has no initializer {fqn!r} for MoMos tensor {fqn!r}")
@@ -528,12 +585,29 @@ def _optimize_around(model: ir.Model, hidden: list[ir.Value]) -> None:
         graph.register_initializer(value)
 
 
-def _name_batch_dim(graph: ir.Graph) -> None:
-    """Call the exporter's symbol for dimension 0 of the inputs "batch" wherever inputs and outputs use it."""
-    symbols = {str(v.shape[0]) for v in graph.inputs if v.shape is not None and isinstance(v.shape[0], ir.SymbolicDim)}
+def _fix_pinned_dims(graph: ir.Graph, program: torch.export.ExportedProgram) -> None:
+    """Write as a number each input and output dim whose symbol torch.export pinned to one value (a feature
+    axis that ``Dim.AUTO`` let the exporter keep symbolic, though the weights fix its size)."""
+    pinned = {str(symbol): int(bounds.lower) for symbol, bounds in program.range_constraints.items()
+              if bounds.is_int and bounds.lower == bounds.upper}
     for value in [*graph.inputs, *graph.outputs]:
         if value.shape is not None:
-            value.shape = ir.Shape(["batch" if str(d) in symbols else d for d in value.shape])
+            value.shape = ir.Shape([pinned.get(str(d), d) if isinstance(d, ir.SymbolicDim) else d
+                                    for d in value.shape])
+
+
+def _name_dims(graph: ir.Graph) -> None:
+    """Name the exporter's symbols for the inputs' dynamic axes wherever inputs and outputs use them: "batch"
+    for dimension 0, else ``<input>_dim<i>`` of the first input axis that has it."""
+    names: dict[str, str] = {}
+    for value in graph.inputs:
+        for axis, dim in enumerate(value.shape or []):
+            if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
+                names.setdefault(str(dim), "batch" if axis == 0 else f"{value.name}_dim{axis}")
+    for value in [*graph.inputs, *graph.outputs]:
+        if value.shape is not None:
+            value.shape = ir.Shape([names.get(str(d), d) if isinstance(d, ir.SymbolicDim) else d
+                                    for d in value.shape])
 
 
 def _strip_annotations(proto: onnx.ModelProto) -> None:
@@ -570,9 +644,11 @@ def _drop_default_attributes(proto: onnx.ModelProto) -> None:
             node.attribute.extend(kept)
 
 
-def _metadata(tensors: list[tuple[str, PackedTensor]], layout: str, opset: int) -> dict[str, str]:
+def _metadata(tensors: list[tuple[str, PackedTensor]], tied: dict[str, str], layout: str,
+              opset: int) -> dict[str, str]:
     """Compact JSON: distinct configs once, banks (k, s, bits) pointing at them, each tensor as the list of its
-    `TENSOR_FIELDS` (bank, shape, storage); `momos.runtime.inspect` restores its k and bits from the bank."""
+    `TENSOR_FIELDS` (bank, shape, storage); `momos.runtime.inspect` restores its k and bits from the bank.
+    Ties (further name -> first name), where there are any."""
     from momos import __version__
 
     configs: list[dict[str, Any]] = []
@@ -595,6 +671,9 @@ def _metadata(tensors: list[tuple[str, PackedTensor]], layout: str, opset: int) 
         fields = {"bank": table.name, "shape": list(packed.shape), "storage": storage}
         per_tensor[fqn] = [fields[name] for name in meta.TENSOR_FIELDS]
     compact = {"separators": (",", ":")}
-    return {meta.VERSION: __version__, meta.LAYOUT: layout, meta.OPSET: str(opset),
-            meta.CONFIGS: json.dumps(configs, **compact), meta.BANKS: json.dumps(banks, **compact),
-            meta.TENSORS: json.dumps(per_tensor, **compact)}
+    props = {meta.VERSION: __version__, meta.LAYOUT: layout, meta.OPSET: str(opset),
+             meta.CONFIGS: json.dumps(configs, **compact), meta.BANKS: json.dumps(banks, **compact),
+             meta.TENSORS: json.dumps(per_tensor, **compact)}
+    if tied:
+        props[meta.TIED] = json.dumps(tied, **compact)
+    return props

@@ -12,11 +12,17 @@ Layout. Nothing in the file is pickled. The safetensors entries are
 
 and safetensors' ``__metadata__["momos"]`` is a JSON header (`FORMAT_VERSION`):
 
-    {"magic": "momos", "version": 1,
+    {"magic": "momos", "version": 2,
      "banks":   [{"name", "config": MoMosConfig.to_dict(), "num_motifs", "block_size", "motif_dtype", "crc32"}],
      "tensors": [{"name", "shape", "dtype", "bank" (index into banks), "block_size", "num_motifs",
                   "index_bits", "num_blocks", "padding", "coding", "nbytes", "crc32", "rmse" (number or null)}],
-     "dense":   [{"name", "shape", "dtype", "crc32"}]}
+     "dense":   [{"name", "shape", "dtype", "crc32"}],
+     "tied":    [{"name", "source" (a name in tensors or dense)}]}
+
+A tie (one tensor read under several state_dict keys, such as an output head sharing the embedding's
+weight) is stored once, under its first name; each further name is a ``tied`` record and has no entry.
+`load` attaches a tied MoMos tensor's one `PackedTensor` to every name, so the tie holds. Version 1 is
+version 2 without ``tied`` (and without ties); `load` reads both.
 
 Codings of a mosaic of m indices of b = ceil(log2 k) bits each:
 
@@ -34,6 +40,7 @@ against k before it changes the model; any violation raises `MoMosFormatError` n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -62,15 +69,18 @@ from momos.nn.packed import (
     is_packed,
     mosaic_dtype,
     packed_tensors,
+    tied_tensors,
     unpacked_state,
 )
 
-__all__ = ["CODINGS", "FORMAT_MAGIC", "FORMAT_VERSION", "MAX_INDEX_BITS", "METADATA_KEY", "ZSTD_LEVEL", "BankInfo",
+__all__ = ["CODINGS", "FORMAT_MAGIC", "FORMAT_VERSION", "MAX_INDEX_BITS", "METADATA_KEY", "READ_VERSIONS",
+           "ZSTD_LEVEL", "BankInfo",
            "DenseInfo", "FileInfo", "TensorInfo", "decode_mosaic", "encode_mosaic", "inspect", "load", "pack_bits",
            "save", "unpack_bits"]
 
 FORMAT_MAGIC = "momos"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1: no "tied" field
 METADATA_KEY = "momos"
 CODINGS = ("packed", "zstd")
 ZSTD_LEVEL = 19
@@ -262,6 +272,7 @@ class FileInfo:
     banks: list[BankInfo]
     tensors: list[TensorInfo]
     dense: list[DenseInfo]
+    tied: dict[str, str] = dataclasses.field(default_factory=dict)  # further name -> the tensors/dense name it shares
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable data, with each bank's and dense tensor's `nbytes` (a non-finite rmse as None)."""
@@ -292,6 +303,7 @@ class FileInfo:
         for r in [head, tuple("-" * w for w in widths), *rows]:
             cells = enumerate(zip(r, widths, strict=True))
             lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in cells))
+        lines += [f"{name} is tied to {source} (stored once)" for name, source in self.tied.items()]
         return "\n".join(lines)
 
 
@@ -302,8 +314,10 @@ def _header_json(info: FileInfo) -> str:
     tensors = [asdict(t) | {"shape": list(t.shape), "rmse": t.rmse if math.isfinite(t.rmse) else None}
                for t in info.tensors]
     dense = [asdict(d) | {"shape": list(d.shape)} for d in info.dense]
-    return json.dumps({"magic": FORMAT_MAGIC, "version": info.version, "banks": banks, "tensors": tensors,
-                       "dense": dense}, separators=(",", ":"), allow_nan=False)
+    header = {"magic": FORMAT_MAGIC, "version": info.version, "banks": banks, "tensors": tensors, "dense": dense}
+    if info.version >= 2:
+        header["tied"] = [{"name": name, "source": source} for name, source in info.tied.items()]
+    return json.dumps(header, separators=(",", ":"), allow_nan=False)
 
 
 class _Fields:
@@ -361,6 +375,7 @@ _BANK_FIELDS = ("name", "config", "num_motifs", "block_size", "motif_dtype", "cr
 _TENSOR_FIELDS = ("name", "shape", "dtype", "bank", "block_size", "num_motifs", "index_bits", "num_blocks",
                   "padding", "coding", "nbytes", "crc32", "rmse")
 _DENSE_FIELDS = ("name", "shape", "dtype", "crc32")
+_TIED_FIELDS = ("name", "source")
 _CRC_MAX = 2**32 - 1
 
 
@@ -370,12 +385,17 @@ def _parse_header(text: str, path: str, file_bytes: int) -> FileInfo:
         raw = json.loads(text)
     except (ValueError, RecursionError) as e:
         raise MoMosFormatError(f"{path}: header: not valid JSON ({e})") from None
-    top = _Fields(raw, f"{path}: header", ("magic", "version", "banks", "tensors", "dense"))
+    declared = raw.get("version") if isinstance(raw, dict) else None
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared > FORMAT_VERSION:
+        raise MoMosFormatError(f"{path}: header: field 'version' is {declared}; this momos reads versions "
+                               f"{list(READ_VERSIONS)}: upgrade momos to read this file")
+    top = _Fields(raw, f"{path}: header", ("magic", "version", "banks", "tensors", "dense")
+                  + (("tied",) if declared != 1 else ()))
     if raw["magic"] != FORMAT_MAGIC:
         raise top.fail("magic", f"must be {FORMAT_MAGIC!r}, got {_short(raw['magic'])}")
     version = top.integer("version", 1)
-    if version != FORMAT_VERSION:
-        raise top.fail("version", f"is {version}; this momos reads version {FORMAT_VERSION} only")
+    if version not in READ_VERSIONS:
+        raise top.fail("version", f"is {version}; this momos reads versions {list(READ_VERSIONS)}")
 
     banks = []
     for i, obj in enumerate(top.array("banks")):
@@ -444,7 +464,18 @@ def _parse_header(text: str, path: str, file_bytes: int) -> FileInfo:
     if len(set(names)) != len(names):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         raise MoMosFormatError(f"{path}: header: tensor name(s) {duplicates} appear more than once")
-    return FileInfo(path, file_bytes, version, banks, tensors, dense)
+    tied: dict[str, str] = {}
+    for i, obj in enumerate(top.array("tied") if version >= 2 else []):
+        f = _Fields(obj, f"tied tensor {i}", _TIED_FIELDS)
+        name = f.string("name")
+        f.where = f"tied tensor {name!r}"
+        source = f.string("source")
+        if name in tied or name in names:
+            raise MoMosFormatError(f"{path}: header: tensor name {name!r} appears more than once")
+        if source not in names:  # a tie points at a stored tensor, never at another tie
+            raise f.fail("source", f"must name a tensor stored in the file, got {_short(source)}")
+        tied[name] = source
+    return FileInfo(path, file_bytes, version, banks, tensors, dense, tied)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -519,7 +550,8 @@ def inspect(path: str | os.PathLike) -> FileInfo:
 def save(model: nn.Module, path: str | os.PathLike, *, coding: str = "auto") -> FileInfo:
     """Write the converted `model` to `path` atomically (temp file in the same folder, fsync, rename).
 
-    `coding` is ``"packed"`` (bit-packed mosaics), ``"zstd"``, or ``"auto"`` (the smaller per tensor).
+    `coding` is ``"packed"`` (bit-packed mosaics), ``"zstd"``, or ``"auto"`` (the smaller per tensor). A tied
+    tensor (one packed tensor or one dense tensor under several names) is stored once, under its first name.
     Returns the header written. A failure leaves any previous file at `path` as it was.
 
     Raises:
@@ -554,19 +586,25 @@ def save(model: nn.Module, path: str | os.PathLike, *, coding: str = "auto") -> 
         tensors.append(TensorInfo(name, p.shape, dtype, bank.index, bank.block_size, bank.num_motifs, bits,
                                   p.num_blocks, p.num_blocks * bank.block_size - p.numel, chosen, len(payload),
                                   zlib.crc32(payload), float(p.rmse)))
-    dense = []
+    dense, tied = [], tied_tensors(model)
+    first_names: dict[tuple, str] = {}  # a dense tensor's identity -> its first name
     for key, value in unpacked_state(model).items():
         if ".parametrizations." in f".{key}":
             raise MoMosStateError(f"{key!r} is still parametrized: convert the whole model before momos.save")
         if not isinstance(value, torch.Tensor) or str(value.dtype).removeprefix("torch.") not in _DTYPES:
             raise MoMosStateError(f"state_dict entry {key!r} ({type(value).__name__} "
                                   f"{getattr(value, 'dtype', '')}) cannot be stored in a .momos file")
+        identity = (value.device, value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+        if value.numel() and identity in first_names:  # the same tensor under a second name (a tied buffer or
+            tied[key] = first_names[identity]           # parameter left dense): equal values, stored once
+            continue
+        first_names[identity] = key
         value = value.detach().cpu().contiguous().clone()
         entries[f"dense/{key}"] = value
         dense.append(DenseInfo(key, tuple(value.shape), str(value.dtype).removeprefix("torch."), _crc(value)))
-    info = FileInfo(os.fspath(path), 0, FORMAT_VERSION, list(banks.values()), tensors, dense)
+    info = FileInfo(os.fspath(path), 0, FORMAT_VERSION, list(banks.values()), tensors, dense, tied)
     _write_atomic(Path(path), entries, {METADATA_KEY: _header_json(info)})
-    return FileInfo(info.path, os.path.getsize(path), info.version, info.banks, info.tensors, info.dense)
+    return FileInfo(info.path, os.path.getsize(path), info.version, info.banks, info.tensors, info.dense, tied)
 
 
 def _write_atomic(path: Path, entries: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -632,12 +670,18 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             if _crc(value) != d.crc32:
                 raise MoMosFormatError(f"{info.path}: dense tensor {d.name!r}: field 'crc32' does not match its bytes")
             dense[d.name] = value
+    dense.update({name: dense[source] for name, source in info.tied.items() if source in dense})
     with torch.no_grad():
         model.load_state_dict(dense, strict=False)
+    names = {t.name: [t.name] for t in info.tensors}
+    for name, source in info.tied.items():
+        if source in names:
+            names[source].append(name)
     for t, p in packed:
-        module_name, _, attr = t.name.rpartition(".")
-        module = model.get_submodule(module_name)
-        attach(module, attr, p.to(module._parameters[attr].device))  # where the model keeps the tensor it replaces
+        for name in names[t.name]:  # a tied tensor: its one PackedTensor in every place, so the tie holds
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            attach(module, attr, p.to(module._parameters[attr].device))  # where the model keeps what it replaces
     return model
 
 
@@ -646,12 +690,15 @@ def _check_model(info: FileInfo, model: nn.Module) -> None:
     have = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()
             if isinstance(v, torch.Tensor)}
     want = {t.name: (t.shape, t.dtype) for t in info.tensors} | {d.name: (d.shape, d.dtype) for d in info.dense}
+    want |= {name: want[source] for name, source in info.tied.items()}
     missing = sorted(set(want) - set(have))
     unexpected = sorted(set(have) - set(want))
     differ = [f"{k}: file {list(want[k][0])} {want[k][1]}, model {list(have[k][0])} {have[k][1]}"
               for k in want if k in have and want[k] != have[k]]
-    parameters = dict(model.named_parameters())
-    not_param = sorted(t.name for t in info.tensors if t.name in have and t.name not in parameters)
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    sources = {t.name for t in info.tensors}
+    packed = sources | {name for name, source in info.tied.items() if source in sources}
+    not_param = sorted(name for name in packed if name in have and name not in parameters)
     if missing or unexpected or differ or not_param:
         parts = [f"{label}: {items}" for label, items in (
             ("in the file but not in the model", missing), ("in the model but not in the file", unexpected),

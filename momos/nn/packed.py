@@ -20,7 +20,7 @@ from momos.config import MoMosConfig
 from momos.errors import MoMosStateError
 
 __all__ = ["MotifTable", "PackedTensor", "dense_copy", "freeze_motifs", "index_bits", "is_packed", "members",
-           "mosaic_dtype", "motif_tables", "packed_tensors", "train_motifs", "unpacked_state"]
+           "mosaic_dtype", "motif_tables", "packed_tensors", "tied_tensors", "train_motifs", "unpacked_state"]
 
 PACKED_ATTR = "momos_packed"
 
@@ -168,11 +168,36 @@ def members(module: nn.Module) -> dict[str, PackedTensor]:
     return dict(getattr(module, PACKED_ATTR).items())
 
 
-def packed_tensors(model: nn.Module) -> Iterator[tuple[str, PackedTensor]]:
-    """``(fully-qualified tensor name, PackedTensor)`` for every packed tensor of `model`, in module order."""
+def _attached(model: nn.Module) -> Iterator[tuple[str, PackedTensor]]:
+    """``(fully-qualified name, PackedTensor)`` for every place `model` reads a packed tensor, tied ones included."""
     for module_name, module in model.named_modules():
         for name, packed in members(module).items():
             yield (f"{module_name}.{name}" if module_name else name), packed
+
+
+def packed_tensors(model: nn.Module) -> Iterator[tuple[str, PackedTensor]]:
+    """``(fully-qualified tensor name, PackedTensor)`` for every packed tensor of `model`, in module order.
+
+    A tied tensor (one PackedTensor read under several names, as `momos.convert` leaves a tied parameter)
+    comes once, under its first name; `tied_tensors` lists its other names.
+    """
+    seen: set[int] = set()
+    for name, packed in _attached(model):
+        if id(packed) not in seen:
+            seen.add(id(packed))
+            yield name, packed
+
+
+def tied_tensors(model: nn.Module) -> dict[str, str]:
+    """``{name: first name}`` for every further name under which `model` reads a packed tensor (its ties)."""
+    first: dict[int, str] = {}
+    tied = {}
+    for name, packed in _attached(model):
+        if id(packed) in first:
+            tied[name] = first[id(packed)]
+        else:
+            first[id(packed)] = name
+    return tied
 
 
 def is_packed(model: nn.Module) -> bool:
@@ -231,15 +256,20 @@ def unpacked_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def dense_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` in which every packed tensor is a plain, frozen parameter holding its decoded values.
 
-    Each keeps its fully-qualified name, and the modules their own class again.
+    Each keeps its fully-qualified name, and the modules their own class again; a tied tensor becomes one
+    parameter registered under each of its names, as the tie was before `momos.convert`.
     """
     twin = copy.deepcopy(model)
+    decoded: dict[int, nn.Parameter] = {}
     for module in twin.modules():
-        decoded = {name: packed().detach() for name, packed in members(module).items()}
-        if not decoded:
+        tensors = members(module)
+        if not tensors:
             continue
+        for packed in tensors.values():
+            if id(packed) not in decoded:
+                decoded[id(packed)] = nn.Parameter(packed().detach(), requires_grad=False)
         module.__class__ = module.__class__.__bases__[0]
         del module._modules[PACKED_ATTR]
-        for name, value in decoded.items():
-            module.register_parameter(name, nn.Parameter(value, requires_grad=False))
+        for name, packed in tensors.items():
+            module.register_parameter(name, decoded[id(packed)])
     return twin

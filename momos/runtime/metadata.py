@@ -15,7 +15,8 @@ import onnxruntime as ort
 
 from momos.errors import MoMosFormatError
 
-__all__ = ["BANKS", "CONFIGS", "KEYS", "LAYOUT", "OPSET", "TENSORS", "TENSOR_FIELDS", "VERSION", "ModelInfo", "inspect"]
+__all__ = ["BANKS", "CONFIGS", "KEYS", "LAYOUT", "OPSET", "TENSORS", "TENSOR_FIELDS", "TIED", "VERSION", "ModelInfo",
+           "inspect"]
 
 VERSION = "momos.version"
 LAYOUT = "momos.mosaic_layout"
@@ -24,6 +25,7 @@ CONFIGS = "momos.configs"
 BANKS = "momos.banks"
 TENSORS = "momos.tensors"
 KEYS = (VERSION, LAYOUT, OPSET, CONFIGS, BANKS, TENSORS)
+TIED = "momos.tied"  # optional: {further name: first name} of tensors stored and decoded once
 TENSOR_FIELDS = ("bank", "shape", "storage")  # each tensor is stored as a list of these, to keep small files small
 
 
@@ -41,6 +43,7 @@ class ModelInfo:
     configs: list[dict[str, Any]]
     banks: dict[str, dict[str, Any]]
     tensors: dict[str, dict[str, Any]] = field(repr=False)
+    tied: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_parameters(self) -> int:
@@ -67,6 +70,7 @@ class ModelInfo:
         for name, t in self.tensors.items():
             lines.append(f"    {name} {tuple(t['shape'])}: bank {t['bank']}, k={t['num_motifs']}, "
                          f"bits={t['index_bits']}, stored as {t['storage']}")
+        lines += [f"    {name}: tied to {source} (stored once)" for name, source in self.tied.items()]
         return "\n".join(lines)
 
 
@@ -94,6 +98,9 @@ def inspect(path: str | os.PathLike) -> ModelInfo:
         configs, banks, tensors = (json.loads(meta[k]) for k in (CONFIGS, BANKS, TENSORS))
         opset = int(meta[OPSET])
         tensors = {name: dict(zip(TENSOR_FIELDS, fields, strict=True)) for name, fields in tensors.items()}
+        tied = json.loads(meta.get(TIED, "{}"))
+        if not isinstance(tied, dict) or not all(isinstance(s, str) and s in tensors for s in tied.values()):
+            raise ValueError(f"{TIED} must map names to tensors of {TENSORS}, got {meta[TIED]!r}")
         for tensor in tensors.values():  # the file stores k and bits once per bank
             bank = banks[tensor["bank"]]
             tensor.update(num_motifs=bank["num_motifs"], index_bits=bank["index_bits"])
@@ -104,5 +111,5 @@ def inspect(path: str | os.PathLike) -> ModelInfo:
         mosaic_layout=meta[LAYOUT], opset=opset,
         inputs={i.name: list(i.shape) for i in session.get_inputs()},
         outputs={o.name: list(o.shape) for o in session.get_outputs()},
-        configs=configs, banks=banks, tensors=tensors,
+        configs=configs, banks=banks, tensors=tensors, tied=tied,
     )

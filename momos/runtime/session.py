@@ -32,6 +32,11 @@ from momos.errors import MoMosFormatError
 __all__ = ["WEIGHTS", "Session", "load", "release_free_memory"]
 
 WEIGHTS = ("folded", "compact")
+# onnxruntime's input type -> the numpy dtype a feed must have
+_FEED_DTYPES = {f"tensor({onnx_name})": np.dtype(name) for onnx_name, name in (
+    ("float", "float32"), ("double", "float64"), ("float16", "float16"), ("int64", "int64"), ("int32", "int32"),
+    ("int16", "int16"), ("int8", "int8"), ("uint64", "uint64"), ("uint32", "uint32"), ("uint16", "uint16"),
+    ("uint8", "uint8"), ("bool", "bool"))}
 
 
 class Session:
@@ -58,9 +63,15 @@ class Session:
         release_free_memory()
         self.path = os.fspath(path)
         self.weights = weights
-        self.input_names: list[str] = [i.name for i in self._session.get_inputs()]
+        inputs = self._session.get_inputs()
+        self.input_names: list[str] = [i.name for i in inputs]
         self.output_names: list[str] = [o.name for o in self._session.get_outputs()]
-        self._input_types = {i.name: i.type for i in self._session.get_inputs()}
+        # The declared shape of each input: sizes, dynamic dims by name, None where onnxruntime knows neither.
+        self.input_shapes: dict[str, list[int | str | None]] = {i.name: list(i.shape) for i in inputs}
+        self._input_types = {i.name: i.type for i in inputs}
+        self._signature = [(i.name, list(i.shape), _FEED_DTYPES.get(i.type)) for i in inputs]
+        self._shape_texts = {name: f"[{', '.join('?' if d is None else str(d) for d in shape)}]"
+                             for name, shape in self.input_shapes.items()}
         self._input_set = frozenset(self.input_names)
         self._output_set = frozenset(self.output_names)
 
@@ -80,10 +91,11 @@ class Session:
             ``{output name: array}`` for the outputs wanted.
 
         Raises:
-            MoMosFormatError: onnxruntime refused the call; the message names the input, output or shape at fault.
+            MoMosFormatError: a feed that does not fit the model's inputs (the message names the input, the
+                shape the model takes, with its dynamic dims by name, and the shape given), or onnxruntime
+                refused the call (the message names the input, output or shape at fault).
         """
-        # A small model's run is short next to checks in Python, so onnxruntime checks the call and this only
-        # explains a refusal.
+        self._check_feeds(feeds)
         wanted = self.output_names if outputs is None else list(outputs)
         try:
             results = self._session.run(wanted, feeds)
@@ -91,10 +103,31 @@ class Session:
             raise self._refusal(feeds, wanted, e) from e
         return {wanted[0]: results[0]} if len(wanted) == 1 else dict(zip(wanted, results, strict=True))
 
-    def _refusal(self, feeds: Mapping[str, np.ndarray], wanted: list[str], error: Exception) -> MoMosFormatError:
-        """The error naming what in a failed `run` call does not fit the model."""
+    def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Raise `MoMosFormatError` unless every input is fed once, with the declared dtype and a shape that
+        fits the declared one; a dynamic dim takes one size across all inputs (onnxruntime's own message
+        names one dimension, not the shape the model takes)."""
         if feeds.keys() != self._input_set:
-            return MoMosFormatError(f"feeds name inputs {sorted(feeds)}, the model takes {self.input_names}")
+            raise MoMosFormatError(f"feeds name inputs {sorted(feeds)}, the model takes {self.input_names}")
+        sizes: dict[str, tuple[int, str]] = {}  # dynamic dim -> (its size, the input that set it)
+        for name, declared, dtype in self._signature:
+            array = feeds[name]
+            given = np.shape(array)
+            takes = self._shape_texts[name]
+            if dtype is not None and getattr(array, "dtype", dtype) != dtype:
+                raise _feed_error(name, f"has dtype {array.dtype}, the model takes {dtype} (shape {takes})")
+            if len(given) != len(declared):
+                raise _feed_error(name, f"has shape {list(given)}, the model takes {takes}")
+            for dim, size in zip(declared, given, strict=True):
+                if type(dim) is int and dim != size:
+                    raise _feed_error(name, f"has shape {list(given)}, the model takes {takes}")
+                if type(dim) is str and sizes.setdefault(dim, (size, name))[0] != size:
+                    first, where = sizes[dim]
+                    raise _feed_error(name, f"has shape {list(given)}, the model takes {takes} with {dim} = "
+                                            f"{first} (from input {where!r})")
+
+    def _refusal(self, feeds: Mapping[str, np.ndarray], wanted: list[str], error: Exception) -> MoMosFormatError:
+        """The error naming what in a `run` call that passed `_check_feeds` onnxruntime refused."""
         unknown = [n for n in wanted if n not in self._output_set]
         if unknown:
             return MoMosFormatError(f"unknown output(s) {unknown}; the model has {self.output_names}")
@@ -104,6 +137,10 @@ class Session:
     def __repr__(self) -> str:
         return f"Session({self.path!r}, weights={self.weights!r}, inputs={self.input_names}, " \
                f"outputs={self.output_names})"
+
+
+def _feed_error(name: str, problem: str) -> MoMosFormatError:
+    return MoMosFormatError(f"rejected the feeds: input {name!r} {problem}")
 
 
 def load(path: str | os.PathLike, weights: str = "folded", *, threads: int | None = None,
