@@ -6,7 +6,8 @@
     print(momos.report(packed))
 
 Importing momos does not import torch: the torch-side API loads on first use (PEP 562), so
-`momos.runtime` works where only numpy and onnxruntime are installed.
+`momos.runtime` works where only numpy and onnxruntime are installed (``pip install momos``); the rest
+needs ``pip install 'momos[torch]'`` and says so when it is missing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from momos.errors import (
     MoMosStateError,
     MoMosValueError,
     MoMosWarning,
+    dependency_error,
 )
 
 __version__ = "0.1.0"
@@ -67,13 +69,24 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(_import(_LAZY[name], name), name)
     elif name in _SUBMODULES:
-        value = importlib.import_module(f"momos.{name}")
+        value = _import(f"momos.{name}", name)
     else:
         raise AttributeError(f"module 'momos' has no attribute {name!r}")
     globals()[name] = value
     return value
+
+
+def _import(module: str, name: str) -> Any:
+    """Import `module` for the public name `name`; a missing dependency of an extra names the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        error = dependency_error(e, f"momos.{name}")
+        if error is None:
+            raise
+        raise error from e
 
 
 def __dir__() -> list[str]:

@@ -38,3 +38,18 @@ class MoMosDependencyError(MoMosError, ImportError):
 class MoMosWarning(UserWarning):
     """Something momos did differently from what was asked, for a reason the message gives (e.g. a tensor left
     dense because its bank would hold only the zero motif)."""
+
+
+# The extra of ``pip install 'momos[...]'`` that brings each module the base install (numpy, onnxruntime) leaves out.
+EXTRAS = {**dict.fromkeys(("torch", "numba", "faiss", "safetensors", "zstandard", "onnx", "onnxscript", "onnx_ir",
+                           "ml_dtypes", "tqdm"), "torch"),
+          "pybdm": "complexity", "sklearn": "demo", "matplotlib": "demo"}
+
+
+def dependency_error(error: ModuleNotFoundError, needed_by: str) -> MoMosDependencyError | None:
+    """A `MoMosDependencyError` naming the extra to install when `error` is a module of an extra, else None."""
+    extra = EXTRAS.get((error.name or "").split(".")[0])
+    if extra is None:
+        return None
+    return MoMosDependencyError(f"{needed_by} needs {error.name!r}, which this install leaves out: "
+                                f"pip install 'momos[{extra}]'")

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from momos.errors import MoMosConfigError, MoMosError, MoMosSelectionError
+from momos.errors import MoMosConfigError, MoMosError, MoMosSelectionError, dependency_error
 
 __all__ = ["DEMO_EPOCHS", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "main"]
 
@@ -179,7 +179,7 @@ def load_data(path: Path | None, seed: int) -> tuple[Any, str]:
 
 
 def _emit_json(data: dict[str, Any]) -> None:
-    from momos.apps.experiments import to_json
+    from momos.apps.jsonio import to_json
 
     print(to_json(data))
 
@@ -552,6 +552,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if args.debug:
             traceback.print_exc()
+        missing = dependency_error(e, "this command") if isinstance(e, ModuleNotFoundError) else None
+        if missing is not None:  # a base install (`pip install momos`) runs and inspects .onnx files only
+            print(f"momos {args.command}: error: {missing}", file=sys.stderr)
+            return EXIT_FAILURE
         usage = isinstance(e, _USAGE_ERRORS)
         kind = "" if isinstance(e, MoMosError) else f"{type(e).__name__}: "
         hint = "" if args.debug else " (run with --debug for the traceback)"

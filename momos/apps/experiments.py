@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import os
 import time
@@ -28,6 +27,7 @@ from momos import complexity, runtime
 from momos.api import compress, convert, prepare
 from momos.apps import plots
 from momos.apps.data import Dataset, digits
+from momos.apps.jsonio import write_json
 from momos.apps.models import MODELS, build
 from momos.apps.train import History, evaluate, fit, split_batches
 from momos.config import MoMosConfig
@@ -39,7 +39,7 @@ from momos.nn.packed import packed_tensors
 from momos.reporting import report
 
 __all__ = ["ONNX_TOLERANCE", "OPTIMIZERS", "SWEEP_FIELDS", "DemoModels", "DemoResult", "Log", "demo", "sweep",
-           "to_json", "train_demo_models", "write_csv"]
+           "train_demo_models", "write_csv"]
 
 # The reference code's optimizer per model: AdamW for the MLP and the ViT, SGD for the ResNet.
 OPTIMIZERS = {"mlp": "adamw", "cnn": "sgd", "vit": "adamw"}
@@ -271,26 +271,6 @@ def _motif_usage(packed: nn.Module) -> list[int]:
         c = torch.bincount(tensor.mosaic.long(), minlength=tensor.table.num_motifs)
         counts = c if counts is None else counts + c
     return [] if counts is None else counts.tolist()
-
-
-def to_json(data: dict[str, Any]) -> str:
-    """`data` as indented, strict JSON (NaN and infinities written as null)."""
-    return json.dumps(_finite(data), indent=2, allow_nan=False)
-
-
-def write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
-    """`to_json(data)` into the file at `path`."""
-    Path(path).write_text(to_json(data) + "\n")
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
