@@ -15,6 +15,7 @@ from torch.nn.utils import parametrize
 from momos.blocks import num_blocks, reconstruct, to_blocks
 from momos.config import BANK_FIELDS, MoMosConfig, build_rules, resolve
 from momos.errors import MoMosConfigError, MoMosSelectionError, MoMosStateError, MoMosWarning
+from momos.nn.finetune import finetune
 from momos.nn.packed import MotifTable, PackedTensor, attach, is_packed, own_class
 from momos.nn.parametrize import (
     Member,
@@ -219,8 +220,6 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
     Returns:
         The packed model.
     """
-    from momos.nn.finetune import finetune
-
     config = default_config() if config is None else config
     if include is None:
         # The default selection, with the user's exclusions and overrides applied by prepare's own rules.
@@ -232,20 +231,19 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
                 seen.add(id(weight))  # a tied weight is compressed once, under its first name
                 candidates.append((_join(module_name, "weight"), module_name, module))
         chosen = resolve(candidates, config, build_rules(config, None, exclude, overrides))
+        if not chosen:
+            raise MoMosSelectionError("no weight matrix of a Linear, Conv or Embedding module to compress: name the "
+                                      "tensors with include=")
         include, exclude = list(chosen), None
         overrides = {name: cfg for name, cfg in chosen.items() if cfg != config} or None
-    packed = convert(_refreshed(prepare(model, config, include=include, exclude=exclude, overrides=overrides)),
-                     inplace=True)
+    prepared = prepare(model, config, include=include, exclude=exclude, overrides=overrides)
+    refresh(prepared)
+    packed = convert(prepared, inplace=True)
     if data is not None:
         if loss is None and teacher is None:
             teacher = model
         finetune(packed, data, teacher=teacher, loss=loss, **finetune_args)
     return packed
-
-
-def _refreshed(model: nn.Module) -> nn.Module:
-    refresh(model)
-    return model
 
 
 def _stale(bank: MotifBank, members: list[Member]) -> bool:

@@ -124,6 +124,8 @@ def test_compress_selects_weight_matrices_meets_the_size_and_distills_by_default
     partial = momos.compress(dense, exclude=["5"], overrides={"3.weight": MoMosConfig(block_size=2, num_motifs=8,
                                                                                     scope="tensor")})
     assert {t.name: t.block_size for t in momos.report(partial).tensors} == {"1.weight": 4, "3.weight": 2}
+    with pytest.raises(momos.MoMosSelectionError, match="include="):
+        momos.compress(nn.Sequential(nn.LayerNorm(8)))
     tied = nn.Sequential(nn.Embedding(40, 16), nn.Linear(16, 40, bias=False))
     tied[1].weight = tied[0].weight
     assert [t.name for t in momos.report(momos.compress(tied)).tensors] == ["0.weight"]
