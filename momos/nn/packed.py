@@ -10,19 +10,27 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from momos.blocks import num_blocks, reconstruct
-from momos.config import MoMosConfig
+from momos.blocks import num_blocks, reconstruct, to_blocks
+from momos.config import MOTIF_DTYPES, MoMosConfig
 from momos.errors import MoMosStateError
 
-__all__ = ["MotifTable", "PackedTensor", "dense_copy", "freeze_motifs", "index_bits", "is_packed", "members",
-           "mosaic_dtype", "motif_tables", "packed_tensors", "tied_tensors", "train_motifs", "unpacked_state"]
+__all__ = ["MotifTable", "PackedTensor", "dense_copy", "follow_dtype", "freeze_motifs", "index_bits", "is_packed",
+           "members", "mosaic_dtype", "motif_tables", "packed_tensors", "tied_tensors", "train_motifs",
+           "unpacked_state"]
 
 PACKED_ATTR = "momos_packed"
+
+# A packed tensor's use matrix while its motifs train (`PackedTensor._uses`): kept beside the module, not in it,
+# so that copies and state dicts never carry it.
+_USES: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 _UINT_DTYPES = ((8, torch.uint8), (16, torch.uint16), (32, torch.uint32))
 
@@ -33,6 +41,16 @@ def mosaic_dtype(num_motifs: int) -> torch.dtype:
         if num_motifs - 1 < 2**bits:
             return dtype
     raise MoMosStateError(f"num_motifs={num_motifs} needs more than 32-bit indices")
+
+
+def follow_dtype(config: MoMosConfig, motifs: torch.Tensor) -> MoMosConfig:
+    """`config` with the dtype of `motifs` as its motif dtype, where that is one of `MOTIF_DTYPES` (motifs cast
+    with their model: ``.half()``, ``.double()``); else `config` as it is (a dtype no file stores, which
+    `momos.save` refuses by name)."""
+    dtype = str(motifs.dtype).removeprefix("torch.")
+    if dtype == config.motif_dtype or dtype not in MOTIF_DTYPES:
+        return config
+    return config.replace(motif_dtype=dtype)
 
 
 def index_bits(num_motifs: int) -> int:
@@ -46,7 +64,7 @@ class MotifTable(nn.Module):
     def __init__(self, name: str, config: MoMosConfig, motifs: torch.Tensor) -> None:
         super().__init__()
         self.name = name
-        self.config = config
+        self.config = follow_dtype(config, motifs)
         self.register_buffer("motifs", motifs)
 
     @property
@@ -72,6 +90,13 @@ class MotifTable(nn.Module):
             self.motifs = nn.Parameter(motifs)
         else:
             self.register_buffer("motifs", motifs)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MotifTable:
+        """Moves and casts of the model; a cast (``.half()``, ``.double()``) casts the motifs, and the config's
+        motif dtype follows them, so a file saved afterwards describes what it stores."""
+        super()._apply(fn, recurse)
+        self.config = follow_dtype(self.config, self.motifs)
+        return self
 
     def decoding_table(self) -> torch.Tensor:
         """The motifs a `PackedTensor` decodes with. While they train, a forced zero motif is held out of autograd:
@@ -105,15 +130,60 @@ class PackedTensor(nn.Module):
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> PackedTensor:
+        """Moves and casts of the model; a cast (``.half()``, ``.double()``) changes the decoded dtype as it
+        would have changed the parameter this tensor replaces (an empty tensor of that dtype shows how)."""
+        self.dtype = fn(torch.empty(0, dtype=self.dtype, device=self.mosaic.device)).dtype
+        return super()._apply(fn, recurse)
+
     @property
     def num_blocks(self) -> int:
         return self.mosaic.shape[0]
 
     def forward(self) -> torch.Tensor:
-        return reconstruct(self.table.decoding_table(), self.mosaic, self.shape, dtype=self.dtype)
+        motifs = self.table.decoding_table()
+        if motifs.requires_grad and torch.is_grad_enabled():
+            index, uses = self._uses()
+            return _Decode.apply(motifs.to(self.dtype), index, uses, self.shape)
+        return reconstruct(motifs, self.mosaic, self.shape, dtype=self.dtype)
+
+    def _uses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int64 mosaic and the sparse ``(k, m)`` matrix of which block uses which motif, for training the
+        motifs; built once and again only when the mosaic changes."""
+        key = (self.mosaic.data_ptr(), self.mosaic._version, self.table.num_motifs)
+        cached = _USES.get(self)
+        if cached is None or cached[0] != key:
+            index = self.mosaic.long()
+            counts = torch.bincount(index, minlength=self.table.num_motifs)
+            rows = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # torch calls sparse CSR support beta
+                uses = torch.sparse_csr_tensor(rows, torch.argsort(index, stable=True),
+                                               torch.ones(index.numel(), device=index.device),
+                                               size=(self.table.num_motifs, index.numel()))
+            _USES[self] = cached = (key, index, uses)
+        return cached[1], cached[2]
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, dtype={self.dtype}, mosaic_dtype={self.mosaic.dtype}"
+
+
+class _Decode(torch.autograd.Function):
+    """`reconstruct` of trainable motifs. Its backward sums each block's gradient into the block's motif as one
+    sparse product with the tensor's ``(k, m)`` use matrix: a scatter-add, which autograd's indexing does,
+    contends on the few motifs that most blocks share."""
+
+    @staticmethod
+    def forward(ctx: Any, motifs: torch.Tensor, index: torch.Tensor, uses: torch.Tensor,
+                shape: tuple[int, ...]) -> torch.Tensor:
+        ctx.uses, ctx.block_size = uses, motifs.shape[1]
+        return reconstruct(motifs, index, shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        blocks = to_blocks(grad, ctx.block_size)
+        uses = ctx.uses if ctx.uses.dtype == blocks.dtype else ctx.uses.to(blocks.dtype)
+        return uses @ blocks, None, None, None
 
 
 def own_class(module: nn.Module) -> None:
@@ -246,6 +316,8 @@ def freeze_motifs(model: nn.Module) -> None:
     """Turn every trainable motif table of `model` back into a buffer (the state after `momos.convert`)."""
     for table in motif_tables(model):
         table.set_trainable(False)
+    for _, packed in packed_tensors(model):
+        _USES.pop(packed, None)
 
 
 def unpacked_state(model: nn.Module) -> dict[str, torch.Tensor]:
