@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from torch import nn
 
 from momos.errors import MoMosStateError
-from momos.nn.packed import index_bits, packed_tensors
+from momos.nn.packed import index_bits, motif_tables, packed_tensors
 from momos.nn.parametrize import prepared_tensors
 
 
@@ -149,8 +149,9 @@ def report(model: nn.Module) -> Report:
 
 def _dense_parameters(model: nn.Module) -> list[DenseReport]:
     """Every floating-point parameter of `model` that is not a MoMos tensor (prepared or packed), once each."""
+    tables = {id(table.motifs) for table in motif_tables(model)}  # trainable during motif fine-tuning
     found = []
     for name, param in model.named_parameters():
-        if param.is_floating_point() and ".parametrizations." not in f".{name}":
+        if param.is_floating_point() and ".parametrizations." not in f".{name}" and id(param) not in tables:
             found.append(DenseReport(name, tuple(param.shape), param.numel(), param.element_size() * 8))
     return found

@@ -85,6 +85,7 @@ def test_dense_parameters_train_only_when_asked():
     biases = [p for n, p in packed.named_parameters() if n.endswith("bias")]
     assert params[0] is table.motifs and all(any(b is p for p in params) for b in biases)
     assert all(b.requires_grad for b in biases)
+    assert [d.name for d in momos.report(packed).dense] == [n for n, _ in packed.named_parameters() if "bias" in n]
     momos.freeze_motifs(packed)
     assert not table.trainable and "motifs" in dict(table.named_buffers())
 
