@@ -54,6 +54,7 @@ from momos.apps.data import Dataset, digits  # noqa: E402
 from momos.apps.experiments import FINETUNE_EPOCHS, FINETUNE_LR, OPTIMIZERS  # noqa: E402
 from momos.apps.models import build  # noqa: E402
 from momos.apps.train import evaluate, fit, split_batches  # noqa: E402
+from momos.nn.finetune import recalibrate_batchnorm  # noqa: E402
 from momos.nn.packed import MotifTable, PackedTensor, attach  # noqa: E402
 
 MOMOS_BITS = (2, 3, 4)
@@ -172,6 +173,13 @@ def tuned(task: Task, packed: nn.Module, seed: int) -> nn.Module:
     return model.eval()
 
 
+def recalibrated(task: Task, packed: nn.Module) -> nn.Module:
+    """A copy of the packed `packed` with its BatchNorm statistics re-estimated on the task's inputs (no training)."""
+    model = copy.deepcopy(packed)
+    recalibrate_batchnorm(model, [b[0] if isinstance(b, (tuple, list)) else b for b in task.batches])
+    return model.eval()
+
+
 # ---------------------------------------------------------------------------------------------
 # the comparison
 
@@ -207,6 +215,9 @@ def compare(task: Task, seed: int, *, paper: Callable[[], nn.Module] | None, sec
         if bits == 3:
             bank_size = momos.report(packed).tensors[0].num_motifs
         add(f"MoMos {bits} bits, one-shot", packed, packed_size(packed), seconds)
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in packed.modules()):
+            model, more = timed(lambda packed=packed: recalibrated(task, packed))
+            add(f"MoMos {bits} bits, one-shot + BN", model, packed_size(model), seconds + more)
         model, more = timed(lambda packed=packed: tuned(task, packed, seed))
         add(f"MoMos {bits} bits + fine-tune", model, packed_size(model), seconds + more)
     for bits in INT_BITS:

@@ -39,6 +39,7 @@ _LAZY = {
     "compress": "momos.api",
     "finetune": "momos.nn.finetune",
     "FinetuneStats": "momos.nn.finetune",
+    "recalibrate_batchnorm": "momos.nn.finetune",
     "train_motifs": "momos.nn.packed",
     "freeze_motifs": "momos.nn.packed",
     "report": "momos.reporting",
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from momos import complexity, export, runtime
     from momos.api import compress, convert, prepare, refresh
     from momos.io.format import inspect, load, save
-    from momos.nn.finetune import FinetuneStats, finetune
+    from momos.nn.finetune import FinetuneStats, finetune, recalibrate_batchnorm
     from momos.nn.packed import freeze_motifs, train_motifs
     from momos.nn.parametrize import RefreshStats
     from momos.nn.schedule import refresh_every
