@@ -8,19 +8,22 @@
     momos complexity [demo | FILE.momos | FILE.pt | pkg.module:factory] [--model pkg.module:factory]
 
 Exit status: 0 on success, 2 on usage errors (bad arguments, missing or unusable input files, a model
-spec that does not import), 1 on failures. Errors print one line to stderr; ``--debug`` adds the
-traceback. Progress bars go to stderr and only when it is a terminal; ``--quiet`` silences them and the
-status lines. Results go to stdout (``--json`` for machine-readable output).
+spec that does not import, an output folder that does not exist), 1 on failures. Errors print one line to
+stderr, without terminal escapes; ``--debug`` adds the traceback. Progress bars go to stderr and only when
+it is a terminal; ``--quiet`` silences them and the status lines. Results go to stdout; with ``--json``
+stdout holds the JSON document only (whatever a library prints meanwhile goes to stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib
 import logging
 import math
 import os
+import re
 import sys
 import traceback
 import warnings
@@ -30,12 +33,15 @@ from typing import Any
 
 from momos.errors import MoMosConfigError, MoMosError, MoMosSelectionError, dependency_error
 
-__all__ = ["DEMO_EPOCHS", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "main"]
+__all__ = ["DEMO_EPOCHS", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "MAX_BLOCK_SIZE", "main"]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 # Epochs of `momos demo`: enough for good accuracy within the demo's time budget (docs/benchmarks.md).
 DEMO_EPOCHS = 50
 MODEL_NAMES = ("mlp", "cnn", "vit")
+# The largest --block-size the command takes: a motif of 4,096 weights already stands for a 64x64 tile, and a
+# block size beyond the model's tensors only pads them (compress also refuses one above its largest matrix).
+MAX_BLOCK_SIZE = 4096
 
 
 class UsageError(MoMosError):
@@ -56,20 +62,45 @@ def _existing_file(text: str) -> Path:
     return path
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
+def _output_file(text: str) -> Path:
+    """A file to write: its folder must exist (checked before any work, not after it)."""
+    path = Path(text)
+    folder = path.parent
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a file to write")
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"output directory {str(folder)!r} does not exist (create it first)")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"output directory {str(folder)!r} is not writable")
+    return path
+
+
+def _output_folder(text: str) -> Path:
+    """A folder to write into, created with its parents if missing: neither it nor a parent may be a file."""
+    path = Path(text)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{str(existing)!r} is a file, not an output folder")
+    return path
+
+
+def _int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    expected = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        if value < minimum or maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"expected an integer {expected}, got {text!r}")
         return value
 
     return parse
 
 
 _positive_int = _int_at_least(1)
+_block_size = _int_at_least(1, MAX_BLOCK_SIZE)
 _seed = _int_at_least(0)
 
 
@@ -150,11 +181,35 @@ def load_state_dict(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError... for unusable files
-        raise UsageError(f"--weights {str(path)!r} is not a state_dict torch.load(weights_only=True) can read: "
-                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise UsageError(_unreadable_weights(path, e)) from e
     if not isinstance(state, dict):
         raise UsageError(f"--weights {str(path)!r} holds a {type(state).__name__}, not a state_dict")
     return state
+
+
+def _unreadable_weights(path: Path, error: Exception) -> str:
+    """One line on why torch.load(weights_only=True) refused `path`: a .momos file, a pickled model, or torch's
+    reason (its message spans paragraphs of advice about trusting the file)."""
+    from momos.io.format import inspect
+
+    name = str(path)
+    with open(path, "rb") as handle:
+        start = handle.read(9)
+    try:  # a .momos file is a safetensors file: a little-endian header length, then the JSON header
+        momos_file = start[8:] == b"{" and inspect(path) is not None
+    except Exception:  # not a .momos file: torch's reason below
+        momos_file = False
+    if momos_file:
+        return f"--weights {name!r} is a .momos file (already compressed): use momos export / momos.load"
+    text = _clean(str(error))
+    pickled = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if pickled:
+        what = "module" if pickled[1].startswith("torch.nn.") else "object"
+        return (f"--weights {name!r} holds a pickled {what} ({pickled[1]}), not a state_dict: "
+                "save model.state_dict() with torch.save")
+    reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\s*Check the documentation|$)", text)
+    reason_text = reason[1] if reason else text or type(error).__name__
+    return f"--weights {name!r} is not a state_dict torch.load(weights_only=True) can read: {reason_text[:200]}"
 
 
 def load_weights(model: Any, path: Path) -> None:
@@ -178,18 +233,28 @@ def load_data(path: Path | None, seed: int) -> tuple[Any, str]:
         raise UsageError(str(e)) from e
 
 
-def _emit_json(data: dict[str, Any]) -> None:
-    from momos.apps.jsonio import to_json
+# A terminal escape sequence (CSI, OSC or a lone ESC and its next character) or another control character.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?|[\x00-\x1f\x7f-\x9f]")
 
-    print(to_json(data))
+
+def _clean(message: str) -> str:
+    """`message` on one line, without terminal escapes: libraries' messages hold both (torch bolds its advice)."""
+    return " ".join(_ESCAPES.sub(" ", message).split())
 
 
 class _Console:
-    """Where status lines and progress bars go: stderr, silenced by --quiet; bars only on a terminal."""
+    """Where status lines and progress bars go: stderr, silenced by --quiet; bars only on a terminal. JSON results
+    go to the stdout the command started with (`main` sends other writes to stdout to stderr under --json)."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
         self.progress = not quiet and sys.stderr.isatty()
+        self.results = sys.stdout
+
+    def emit_json(self, data: dict[str, Any]) -> None:
+        from momos.apps.jsonio import to_json
+
+        print(to_json(data), file=self.results, flush=True)
 
     def log(self, message: str) -> None:
         if not self.quiet:
@@ -209,7 +274,7 @@ def cmd_demo(args: argparse.Namespace, console: _Console) -> int:
     result = demo(args.out, epochs=args.epochs, seed=args.seed, block_size=args.block_size,
                   capacity=args.capacity, bits_per_weight=args.bits, progress=console.progress, log=console.log)
     if args.json:
-        _emit_json(result.to_dict())
+        console.emit_json(result.to_dict())
     else:
         print(result)
         print(f"\nwrote {', '.join(sorted(Path(p).name for p in result.plots.values()))}, summary.json, "
@@ -274,6 +339,7 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
             raise UsageError(str(e)) from e
     model = build_user_model(args.model)
     load_weights(model, args.weights)
+    _check_block_size(model, args.block_size)
     model.eval()
     accuracy: dict[str, float] = {}
     if labelled is not None:
@@ -296,8 +362,8 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
     rep = momos.report(packed)
     file_bytes = Path(args.output).stat().st_size
     if args.json:
-        _emit_json({"report": rep.to_dict(), "file": {"path": str(args.output), "bytes": file_bytes},
-                    "accuracy": accuracy or None})
+        console.emit_json({"report": rep.to_dict(), "file": {"path": str(args.output), "bytes": file_bytes},
+                           "accuracy": accuracy or None})
         return EXIT_OK
     print(rep)
     numel = rep.numel + sum(d.numel for d in rep.dense)
@@ -306,6 +372,19 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
     if accuracy:
         print("test accuracy: " + ", ".join(f"{k.replace('_', ' ')} {v:.2%}" for k, v in accuracy.items()))
     return EXIT_OK
+
+
+def _check_block_size(model: Any, block_size: int) -> None:
+    """Refuse a block size above the largest weight matrix `momos.compress` would compress: a block never spans
+    two tensors, so such a size only pads every tensor into one mostly-zero block."""
+    from momos.api import COMPRESSED_TYPES
+
+    sizes = {f"{name}.weight" if name else "weight": module.weight.numel() for name, module in model.named_modules()
+             if isinstance(module, COMPRESSED_TYPES) and getattr(module, "weight", None) is not None}
+    if sizes and block_size > max(sizes.values()):
+        largest = max(sizes, key=sizes.__getitem__)
+        raise UsageError(f"--block-size {block_size} exceeds the largest weight matrix of the model "
+                         f"({largest!r}, {sizes[largest]:,} weights): a block never spans two tensors")
 
 
 def cmd_inspect(args: argparse.Namespace, console: _Console) -> int:
@@ -319,7 +398,7 @@ def cmd_inspect(args: argparse.Namespace, console: _Console) -> int:
         raise UsageError(f"cannot inspect {str(args.file)!r}: expected a .momos or .onnx file")
     info = inspect(args.file)
     if args.json:
-        _emit_json(info.to_dict())
+        console.emit_json(info.to_dict())
     else:
         print(info)
     return EXIT_OK
@@ -370,7 +449,7 @@ def cmd_complexity(args: argparse.Namespace, console: _Console) -> int:
         ratios = {"trained_over_initial": dense_summary.trained_over_initial["bdm"],
                   "momos_over_dense": momos_summary.momos_over_dense["bdm"]}
         if args.json:
-            _emit_json({"bdm": ratios, "dense": dense_summary.to_dict(), "momos": momos_summary.to_dict()})
+            console.emit_json({"bdm": ratios, "dense": dense_summary.to_dict(), "momos": momos_summary.to_dict()})
             return EXIT_OK
         print(f"BDM ratio trained / initial (dense MLP): {ratios['trained_over_initial']:.4f}")
         print(f"BDM ratio MoMos / dense:                 {ratios['momos_over_dense']:.4f}")
@@ -404,7 +483,7 @@ def cmd_complexity(args: argparse.Namespace, console: _Console) -> int:
         load_weights(dense, args.dense)
     result = complexity.summary(model, initial=initial, dense=dense)
     if args.json:
-        _emit_json(result.to_dict())
+        console.emit_json(result.to_dict())
         return EXIT_OK
     print(f"BDM ratio model / initial: {result.trained_over_initial['bdm']:.4f}")
     if dense is not None:
@@ -452,10 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "recommended way (k-means motifs at --bits, motif fine-tuning); save that as a .momos file, "
                 "export ONNX, check onnxruntime against torch, print one table and write plots and summary.json "
                 "into --out. Seeded and repeatable.")
-    p.add_argument("--out", default="momos-demo", help="output folder (default: %(default)s)")
+    p.add_argument("--out", type=_output_folder, default="momos-demo", help="output folder (default: %(default)s)")
     p.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS, help="epochs (default: %(default)s)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of data split, init and banks (default: 0)")
-    p.add_argument("--block-size", type=_positive_int, default=4, help="block size s (default: 4)")
+    p.add_argument("--block-size", type=_block_size, default=4,
+                   help=f"block size s, at most {MAX_BLOCK_SIZE} (default: 4)")
     p.add_argument("--capacity", type=_capacity, default=0.05,
                    help="capacity c in (0, 1] of the paper's recipe (default: 0.05)")
     p.add_argument("--bits", type=_positive_float, default=3.0,
@@ -466,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "Train a reference model dense and with MoMos for every block size and capacity, for several "
                 "seeds; write a CSV of every run and a PNG of accuracy against capacity.")
     p.add_argument("--model", choices=MODEL_NAMES, default="mlp", help="reference model (default: mlp)")
-    p.add_argument("--block-sizes", type=_list_of(_positive_int), default=[2, 4, 8], metavar="S,S,...",
+    p.add_argument("--block-sizes", type=_list_of(_block_size), default=[2, 4, 8], metavar="S,S,...",
                    help="block sizes (default: 2,4,8)")
     p.add_argument("--capacities", type=_list_of(_capacity), default=[0.005, 0.01, 0.05, 0.1], metavar="C,C,...",
                    help="capacities (default: 0.005,0.01,0.05,0.1)")
@@ -475,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=_existing_file, metavar="FILE.npz",
                    help="your data: an .npz with arrays X (samples first) and y (integer labels); default digits")
     p.add_argument("--split-seed", type=_seed, default=0, help="seed of the 80/20 train/test split (default: 0)")
-    p.add_argument("--out", default="momos-sweep", help="output folder (default: %(default)s)")
+    p.add_argument("--out", type=_output_folder, default="momos-sweep", help="output folder (default: %(default)s)")
 
     p = command("compress", cmd_compress, "compress a trained model of yours into a .momos file",
                 "Post-training MoMos compression of your model (momos.compress): build it with FACTORY, load the "
@@ -486,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a callable that builds the (untrained) model; the current directory is importable")
     p.add_argument("--weights", required=True, type=_existing_file, metavar="STATE_DICT.pt",
                    help="the trained state_dict (torch.save(model.state_dict(), ...))")
-    p.add_argument("--block-size", type=_positive_int, default=4, help="block size s (default: 4)")
+    p.add_argument("--block-size", type=_block_size, default=4,
+                   help=f"block size s, at most {MAX_BLOCK_SIZE} (default: 4)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--bits", type=_positive_float, default=3.0,
                       help="bits per compressed weight, motif table included (default: 3)")
@@ -499,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive_int, default=5, help="fine-tuning epochs (default: 5)")
     p.add_argument("--lr", type=_positive_float, default=1e-3, help="fine-tuning AdamW learning rate (default: 1e-3)")
     p.add_argument("--seed", type=_seed, default=0, help="seed of the bank draws and the split (default: 0)")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="MODEL.momos", help="the file to write")
+    p.add_argument("-o", "--output", required=True, type=_output_file, metavar="MODEL.momos",
+                   help="the file to write (its folder must exist)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = command("inspect", cmd_inspect, "show what a .momos or momos .onnx file holds",
@@ -515,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="pkg.module:factory", help="builds the model's architecture")
     p.add_argument("--input-shape", required=True, type=_shape, metavar="D,D,...",
                    help="shape of one input without the batch dimension, e.g. 1,8,8")
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="MODEL.onnx", help="the file to write")
+    p.add_argument("-o", "--output", required=True, type=_output_file, metavar="MODEL.onnx",
+                   help="the file to write (its folder must exist)")
 
     p = command("complexity", cmd_complexity, "BDM complexity ratios (trained/initial, MoMos/dense)",
                 "Measure algorithmic complexity (BDM of the weights' signs, the paper's protocol) of the demo "
@@ -541,11 +624,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse exits with 2 on a usage error, 0 after --help/--version
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     console = _Console(args.quiet)
+    # With --json, stdout holds the document only: what libraries print meanwhile (onnxruntime's "EP Error ...
+    # retrying" banner, the ONNX exporter's progress) goes to stderr.
+    quiet_stdout = contextlib.redirect_stdout(sys.stderr) if getattr(args, "json", False) else contextlib.nullcontext()
     if not args.debug:  # library chatter (pkg_resources, the ONNX exporter) is not for the command line
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)  # torch sets its loggers' levels on import; this overrides them all
     try:
-        return args.handler(args, console)
+        with quiet_stdout:
+            return args.handler(args, console)
     except KeyboardInterrupt:
         print("momos: interrupted", file=sys.stderr)
         return 130
@@ -559,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         usage = isinstance(e, _USAGE_ERRORS)
         kind = "" if isinstance(e, MoMosError) else f"{type(e).__name__}: "
         hint = "" if args.debug else " (run with --debug for the traceback)"
-        print(f"momos {args.command}: error: {kind}{e}{hint if not usage else ''}", file=sys.stderr)
+        print(f"momos {args.command}: error: {kind}{_clean(str(e))}{hint if not usage else ''}", file=sys.stderr)
         return EXIT_USAGE if usage else EXIT_FAILURE
 
 

@@ -29,7 +29,7 @@ import onnxruntime as ort
 
 from momos.errors import MoMosFormatError
 
-__all__ = ["WEIGHTS", "Session", "load", "release_free_memory"]
+__all__ = ["WEIGHTS", "Session", "load", "open_onnx", "release_free_memory"]
 
 WEIGHTS = ("folded", "compact")
 # onnxruntime's input type -> the numpy dtype a feed must have
@@ -55,11 +55,7 @@ class Session:
             options.intra_op_num_threads = threads
         options.enable_cpu_mem_arena = arena
         disabled = ["ConstantFolding"] if weights == "compact" else []
-        try:
-            self._session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"],
-                                                 disabled_optimizers=disabled)
-        except Exception as e:  # onnxruntime's exception types differ between bindings
-            raise MoMosFormatError(f"onnxruntime cannot load {os.fspath(path)!r}: {e}") from e
+        self._session = open_onnx(path, options, disabled, refusal=f"onnxruntime cannot load {os.fspath(path)!r}")
         release_free_memory()
         self.path = os.fspath(path)
         self.weights = weights
@@ -151,6 +147,23 @@ def load(path: str | os.PathLike, weights: str = "folded", *, threads: int | Non
         MoMosFormatError: an unknown policy, or a file onnxruntime cannot load.
     """
     return Session(path, weights, threads=threads, arena=arena)
+
+
+def open_onnx(path: str | os.PathLike, options: ort.SessionOptions, disabled_optimizers: Sequence[str] = (), *,
+              refusal: str) -> ort.InferenceSession:
+    """An onnxruntime session over `path` on the CPU provider, with onnxruntime's fallback off: on a file it
+    cannot load, that fallback prints an "EP Error ... retrying" banner to stdout (breaking ``--json`` output)
+    and retries on the CPU provider this asked for already.
+
+    Raises:
+        MoMosFormatError: onnxruntime cannot load the file: `refusal` (which names the file), then onnxruntime's
+            reason.
+    """
+    try:
+        return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"],
+                                    disabled_optimizers=list(disabled_optimizers), enable_fallback=0)
+    except Exception as e:  # onnxruntime's exception types differ between bindings
+        raise MoMosFormatError(f"{refusal}: {e}") from e
 
 
 def release_free_memory() -> bool:
