@@ -53,7 +53,7 @@ def finetune(model: nn.Module, batches: Iterable[Any], *, teacher: nn.Module | N
         model: a converted model (`momos.convert` or `momos.load`).
         batches: a re-iterable collection of batches (a list, a DataLoader): ``(inputs, target)`` with `loss`,
             or inputs alone with `teacher`.
-        teacher: the model to distill from (kept in eval mode, never trained); excludes `loss`.
+        teacher: the model to distill from (run in eval mode, never trained, its mode restored); excludes `loss`.
         loss: ``loss(output, target)`` for labelled batches; excludes `teacher`.
         distill: ``"mse"`` (outputs) or ``"kl"`` (softmax over the last dimension), with `teacher`.
         epochs: passes over `batches`.
@@ -86,6 +86,7 @@ def finetune(model: nn.Module, batches: Iterable[Any], *, teacher: nn.Module | N
 
     flags = {id(p): p.requires_grad for p in model.parameters()}
     was_training = model.training
+    teacher_training = teacher is not None and teacher.training
     params = train_motifs(model, dense=dense)
     if teacher is not None:
         teacher.eval()
@@ -124,6 +125,8 @@ def finetune(model: nn.Module, batches: Iterable[Any], *, teacher: nn.Module | N
         for p in model.parameters():
             p.requires_grad_(flags.get(id(p), p.requires_grad))
         model.train(was_training)
+        if teacher is not None:
+            teacher.train(teacher_training)
     trained = sum(p.numel() for p in params)
     return FinetuneStats(epoch_losses, steps, time.perf_counter() - start, trained)
 

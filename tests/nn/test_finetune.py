@@ -53,7 +53,10 @@ def test_finetune_lowers_the_loss_and_keeps_mosaics_and_the_zero_motif(mode):
         stats = momos.finetune(packed, batches, loss=nn.functional.cross_entropy, epochs=8, lr=3e-3, progress=False)
     else:
         inputs = [x for x, _ in batches]
+        dense.train()
         stats = momos.finetune(packed, inputs, teacher=dense, distill=mode, epochs=8, lr=3e-3, progress=False)
+        assert dense.training  # the teacher ran in eval mode and got its mode back
+        dense.eval()
     assert len(stats.epoch_losses) == 8 and stats.steps == 8 * len(batches)
     assert stats.epoch_losses[-1] < 0.85 * stats.epoch_losses[0]
     assert error() < 0.85 * before
