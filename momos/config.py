@@ -27,7 +27,7 @@ from momos.errors import MoMosConfigError, MoMosSelectionError
 SCOPES = ("global", "tensor")
 MODES = ("hard", "ste")
 MOTIF_INITS = ("random", "kmeans")
-MOTIF_DTYPES = {"float32": 32, "float16": 16, "bfloat16": 16}
+MOTIF_DTYPES = {"float64": 64, "float32": 32, "float16": 16, "bfloat16": 16}  # motif dtype -> bits per value (q)
 
 # Fields that every tensor sharing one global bank must agree on.
 BANK_FIELDS = ("block_size", "capacity", "num_motifs", "bits_per_weight", "force_zero", "motif_init", "kmeans_iters",
@@ -45,7 +45,9 @@ class MoMosConfig:
     targeted tensors (the reference default); `"tensor"` gives each tensor its own. `mode="hard"` writes
     the projection into the weights at each refresh and trains densely in between (the paper);
     `mode="ste"` makes every forward see the MoMos weight of the latent weights under the current bank,
-    with a straight-through gradient.
+    with a straight-through gradient. `motif_dtype` (one of `MOTIF_DTYPES`: float64, float32, float16,
+    bfloat16) is the dtype the motif table is kept and stored in; casting a prepared or converted model
+    (``.half()``, ``.double()``, ``.to(dtype)``) casts its tables, and their config's `motif_dtype` follows.
     """
 
     block_size: int = 4

@@ -85,7 +85,7 @@ MIN_OPSET = 18  # BitwiseAnd/BitwiseOr
 ALL_AXES = "all"  # dynamic_shapes: every axis of every input that the model lets vary
 
 
-_MOTIF_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16,
+_MOTIF_DTYPES = {"float64": ir.DataType.DOUBLE, "float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16,
                  "bfloat16": ir.DataType.BFLOAT16}
 _TORCH_DTYPES = {torch.float32: ir.DataType.FLOAT, torch.float16: ir.DataType.FLOAT16,
                  torch.bfloat16: ir.DataType.BFLOAT16, torch.float64: ir.DataType.DOUBLE}

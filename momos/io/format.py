@@ -12,17 +12,22 @@ Layout. Nothing in the file is pickled. The safetensors entries are
 
 and safetensors' ``__metadata__["momos"]`` is a JSON header (`FORMAT_VERSION`):
 
-    {"magic": "momos", "version": 2,
+    {"magic": "momos", "version": 3,
      "banks":   [{"name", "config": MoMosConfig.to_dict(), "num_motifs", "block_size", "motif_dtype", "crc32"}],
      "tensors": [{"name", "shape", "dtype", "bank" (index into banks), "block_size", "num_motifs",
                   "index_bits", "num_blocks", "padding", "coding", "nbytes", "crc32", "rmse" (number or null)}],
      "dense":   [{"name", "shape", "dtype", "crc32"}],
-     "tied":    [{"name", "source" (a name in tensors or dense)}]}
+     "tied":    [{"name", "source" (a name in tensors or dense)}],
+     "header_crc32": the CRC-32 of the header's UTF-8 text without this field}
+
+``header_crc32`` is the last field, written exactly as ``,"header_crc32":<decimal>}``: the header without it
+is the text before that suffix, closed by ``}``.
 
 A tie (one tensor read under several state_dict keys, such as an output head sharing the embedding's
 weight) is stored once, under its first name; each further name is a ``tied`` record and has no entry.
-`load` attaches a tied MoMos tensor's one `PackedTensor` to every name, so the tie holds. Version 1 is
-version 2 without ``tied`` (and without ties); `load` reads both.
+`load` attaches a tied MoMos tensor's one `PackedTensor` to every name, so the tie holds. Version 2 is
+version 3 without ``header_crc32``, version 1 is version 2 without ``tied`` (and without ties); `load` reads
+all three.
 
 Codings of a mosaic of m indices of b = ceil(log2 k) bits each:
 
@@ -32,10 +37,12 @@ Codings of a mosaic of m indices of b = ceil(log2 k) bits each:
   lowest bytes, then all next bytes, ...; ``ceil(b/8)`` planes), which codes smaller than zstd over the
   packed bits or over interleaved little-endian indices (docs/benchmarks.md, file size).
 
-``save(coding="auto")`` keeps whichever is smaller per tensor. Every entry carries the CRC-32 of its
-bytes, so any flipped byte is caught on load. `load` checks the container, every header field's type
-and range, the header against the entries and against the target model, and every decoded index
-against k before it changes the model; any violation raises `MoMosFormatError` naming tensor and field.
+``save(coding="auto")`` bit-packs a mosaic unless zstd at level 1 (fast) already codes it `AUTO_MARGIN`
+smaller; only then it runs level 19, and keeps whichever of that and the packed payload is smaller. Every
+entry carries the CRC-32 of its bytes and the header its own, so any flipped byte is caught on load. `load`
+checks the container, the header's checksum, every header field's type and range, the header against the
+entries and against the target model, every motif for a finite value and every decoded index against k
+before it changes the model; any violation raises `MoMosFormatError` naming tensor and field.
 """
 
 from __future__ import annotations
@@ -44,7 +51,9 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
+import re
+import secrets
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,11 +69,12 @@ import zstandard
 from torch import nn
 
 from momos.config import MOTIF_DTYPES, MoMosConfig
-from momos.errors import MoMosConfigError, MoMosFormatError, MoMosStateError
+from momos.errors import MoMosConfigError, MoMosFormatError, MoMosStateError, MoMosValueError
 from momos.nn.packed import (
     MotifTable,
     PackedTensor,
     attach,
+    follow_dtype,
     index_bits,
     is_packed,
     mosaic_dtype,
@@ -73,17 +83,21 @@ from momos.nn.packed import (
     unpacked_state,
 )
 
-__all__ = ["CODINGS", "FORMAT_MAGIC", "FORMAT_VERSION", "MAX_INDEX_BITS", "METADATA_KEY", "READ_VERSIONS",
-           "ZSTD_LEVEL", "BankInfo",
+__all__ = ["AUTO_MARGIN", "CODINGS", "FORMAT_MAGIC", "FORMAT_VERSION", "MAX_INDEX_BITS",
+           "METADATA_KEY", "READ_VERSIONS", "ZSTD_LEVEL", "BankInfo",
            "DenseInfo", "FileInfo", "TensorInfo", "decode_mosaic", "encode_mosaic", "inspect", "load", "pack_bits",
            "save", "unpack_bits"]
 
 FORMAT_MAGIC = "momos"
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)  # version 1: no "tied" field
+FORMAT_VERSION = 3
+READ_VERSIONS = (1, 2, 3)  # version 2: no "header_crc32" field; version 1: no "tied" field either
 METADATA_KEY = "momos"
 CODINGS = ("packed", "zstd")
 ZSTD_LEVEL = 19
+AUTO_MARGIN = 0.02  # coding="auto" runs zstd only where its fast probe codes this much below bit-packing
+_PROBE_LEVEL = 1
+_TEMP_SUFFIX = ".momos-tmp"
+_STARTED = time.time()  # when this process loaded momos: a temp file older than that is no save of this process
 MAX_INDEX_BITS = 32
 _MAX_DIMS = 32
 _MAX_NUMEL = 2**48  # entries of one tensor: far beyond any model, far below overflow
@@ -186,6 +200,21 @@ def encode_mosaic(indices: np.ndarray, bits: int, coding: str) -> bytes:
         return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(
             _to_planes(indices, bits))
     raise MoMosConfigError(f"coding must be one of {[*CODINGS, 'auto']}, got {coding!r}")
+
+
+def _encode_chosen(indices: np.ndarray, bits: int, coding: str) -> tuple[bytes, str]:
+    """``(payload, coding)`` of a mosaic under `coding`, or under ``"auto"``: the packed payload unless zstd at
+    `_PROBE_LEVEL` (hundreds of MB/s) codes the byte planes at least `AUTO_MARGIN` smaller, and only then the
+    smaller of the packed and the `ZSTD_LEVEL` payload (level 19 runs at a few MB/s). Deterministic: the
+    choice depends on the indices alone."""
+    if coding != "auto":
+        return encode_mosaic(indices, bits, coding), coding
+    packed = pack_bits(indices, bits)
+    probe = zstandard.ZstdCompressor(level=_PROBE_LEVEL).compress(_to_planes(indices, bits))
+    if len(probe) >= len(packed) * (1 - AUTO_MARGIN):
+        return packed, "packed"
+    coded = encode_mosaic(indices, bits, "zstd")
+    return (coded, "zstd") if len(coded) < len(packed) else (packed, "packed")
 
 
 def decode_mosaic(payload: bytes, count: int, bits: int, coding: str) -> np.ndarray:
@@ -317,7 +346,28 @@ def _header_json(info: FileInfo) -> str:
     header = {"magic": FORMAT_MAGIC, "version": info.version, "banks": banks, "tensors": tensors, "dense": dense}
     if info.version >= 2:
         header["tied"] = [{"name": name, "source": source} for name, source in info.tied.items()]
-    return json.dumps(header, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(header, separators=(",", ":"), allow_nan=False)
+    return _seal(text) if info.version >= 3 else text
+
+
+_SEAL = ',"header_crc32":'
+
+
+def _seal(text: str) -> str:
+    """The JSON object `text` with its own CRC-32 appended as its last field, ``header_crc32``."""
+    return f"{text[:-1]}{_SEAL}{_text_crc(text)}}}"
+
+
+def _unseal(text: str) -> tuple[int, str] | None:
+    """``(header_crc32, the header without it)`` of a text `_seal` wrote, or None where it ends otherwise."""
+    body, found, tail = text.rpartition(_SEAL)
+    if not found or re.fullmatch(r"[0-9]{1,10}\}", tail) is None:
+        return None
+    return int(tail[:-1]), body + "}"
+
+
+def _text_crc(text: str) -> int:
+    return zlib.crc32(text.encode("utf-8"))
 
 
 class _Fields:
@@ -366,6 +416,10 @@ class _Fields:
         return value
 
 
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -380,17 +434,25 @@ _CRC_MAX = 2**32 - 1
 
 
 def _parse_header(text: str, path: str, file_bytes: int) -> FileInfo:
-    """Validate the header JSON field by field and its internal consistency; no tensor data is read."""
+    """Validate the header JSON against its ``header_crc32`` (from version 3), then field by field and for its
+    internal consistency; no tensor data is read."""
+    sealed = _unseal(text)
+    if sealed is not None and sealed[0] != _text_crc(sealed[1]):
+        raise MoMosFormatError(f"{path}: header: field 'header_crc32' is {sealed[0]}, but the CRC-32 of the header "
+                               f"is {_text_crc(sealed[1])}: the header is corrupt")
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as e:
         raise MoMosFormatError(f"{path}: header: not valid JSON ({e})") from None
     declared = raw.get("version") if isinstance(raw, dict) else None
     if isinstance(declared, int) and not isinstance(declared, bool) and declared > FORMAT_VERSION:
-        raise MoMosFormatError(f"{path}: header: field 'version' is {declared}; this momos reads versions "
+        raise MoMosFormatError(f"{path}: header: field 'version' is {_short(declared)}; this momos reads versions "
                                f"{list(READ_VERSIONS)}: upgrade momos to read this file")
     top = _Fields(raw, f"{path}: header", ("magic", "version", "banks", "tensors", "dense")
-                  + (("tied",) if declared != 1 else ()))
+                  + (("tied",) if declared != 1 else ()) + (("header_crc32",) if declared not in (1, 2) else ()))
+    if sealed is None and declared not in (1, 2):
+        raise top.fail("header_crc32", 'must be the last field, written as ,"header_crc32":<CRC-32 of the header '
+                                       'without it>}')
     if raw["magic"] != FORMAT_MAGIC:
         raise top.fail("magic", f"must be {FORMAT_MAGIC!r}, got {_short(raw['magic'])}")
     version = top.integer("version", 1)
@@ -406,7 +468,7 @@ def _parse_header(text: str, path: str, file_bytes: int) -> FileInfo:
             raise f.fail("config", f"must be a JSON object, got {_short(obj['config'])}")
         try:
             config = MoMosConfig.from_dict(obj["config"])
-        except (MoMosConfigError, TypeError, ValueError) as e:
+        except (MoMosConfigError, TypeError, ValueError, OverflowError) as e:
             raise f.fail("config", f"is not a valid MoMosConfig: {e}") from None
         bank = BankInfo(i, name, config, f.integer("num_motifs", 1, 2**MAX_INDEX_BITS), f.integer("block_size", 1),
                         f.string("motif_dtype", tuple(MOTIF_DTYPES)), f.integer("crc32", 0, _CRC_MAX))
@@ -493,6 +555,8 @@ def _entries(info: FileInfo) -> dict[str, tuple[str, tuple[int, ...]]]:
 def _open(path: str | os.PathLike) -> Iterator[tuple[FileInfo, Callable[[str], torch.Tensor]]]:
     """The validated header of `path` and a reader of its entries; container errors become MoMosFormatError."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise MoMosFormatError(f"{path}: is a directory, not a .momos file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path!r}")
     try:
@@ -550,19 +614,35 @@ def inspect(path: str | os.PathLike) -> FileInfo:
 def save(model: nn.Module, path: str | os.PathLike, *, coding: str = "auto") -> FileInfo:
     """Write the converted `model` to `path` atomically (temp file in the same folder, fsync, rename).
 
-    `coding` is ``"packed"`` (bit-packed mosaics), ``"zstd"``, or ``"auto"`` (the smaller per tensor). A tied
-    tensor (one packed tensor or one dense tensor under several names) is stored once, under its first name.
-    Returns the header written. A failure leaves any previous file at `path` as it was.
+    `coding` is ``"packed"`` (bit-packed mosaics), ``"zstd"``, or ``"auto"`` (zstd per tensor where a fast probe
+    promises `AUTO_MARGIN` and it comes out smaller, else packed). A tied tensor (one packed tensor or one dense
+    tensor under several names) is stored once, under its first name. Returns the header written. A failure
+    leaves any previous file at `path` as it was, and a save removes the temp files that killed saves of
+    `path` left behind.
+
+    The motif tables are stored in their dtype, whatever the config they were prepared with said (a model cast
+    with ``.half()`` or ``.double()`` after prepare or convert stores float16 or float64 motifs, and its header
+    says so), and each tensor in the dtype its module now has.
 
     Raises:
+        FileNotFoundError: the folder of `path` does not exist.
+        MoMosFormatError: `path` is a directory.
         MoMosConfigError: an unknown `coding`.
-        MoMosStateError: `model` is not (wholly) converted, or holds a state_dict entry a file cannot store.
+        MoMosStateError: `model` is not (wholly) converted, or holds a state_dict entry, a motif table or a
+            tensor dtype a file cannot store.
+        MoMosValueError: a motif table holds NaN or Inf values.
     """
     if coding not in (*CODINGS, "auto"):
         raise MoMosConfigError(f"coding must be one of {[*CODINGS, 'auto']}, got {coding!r}")
+    if os.path.isdir(path):
+        raise MoMosFormatError(f"{os.fspath(path)}: is a directory: save to a file in it, such as "
+                               f"{os.path.join(path, 'model.momos')!r}")
+    if not Path(path).parent.is_dir():
+        raise FileNotFoundError(f"no such folder: {os.fspath(Path(path).parent)!r} (the folder of {os.fspath(path)!r})")
     packed = list(packed_tensors(model))
     if not packed:
         raise MoMosStateError("model has no packed MoMos tensor: call momos.convert(model) before momos.save")
+    _check_storable(packed)
     entries: dict[str, torch.Tensor] = {}
     banks: dict[int, BankInfo] = {}
     tensors = []
@@ -570,17 +650,17 @@ def save(model: nn.Module, path: str | os.PathLike, *, coding: str = "auto") -> 
         table = p.table
         if id(table) not in banks:
             motifs = table.motifs.detach().cpu().contiguous().clone()  # a file's tensors are CPU tensors
+            config = follow_dtype(table.config, motifs)
             index = len(banks)
             entries[f"motifs/{index}"] = motifs
-            banks[id(table)] = BankInfo(index, table.name, table.config, table.num_motifs, table.block_size,
-                                        table.config.motif_dtype, _crc(motifs))
+            banks[id(table)] = BankInfo(index, table.name, config, table.num_motifs, table.block_size,
+                                        config.motif_dtype, _crc(motifs))
         bank = banks[id(table)]
         indices = p.mosaic.detach().cpu().to(torch.int64).numpy()
         if indices.size and int(indices.max()) >= bank.num_motifs:
             raise MoMosStateError(f"tensor {name!r}: mosaic index {int(indices.max())} >= k={bank.num_motifs}")
         bits = index_bits(bank.num_motifs)
-        choices = CODINGS if coding == "auto" else (coding,)
-        payload, chosen = min(((encode_mosaic(indices, bits, c), c) for c in choices), key=lambda pc: len(pc[0]))
+        payload, chosen = _encode_chosen(indices, bits, coding)
         entries[f"mosaic/{name}"] = torch.from_numpy(np.frombuffer(payload, np.uint8).copy())
         dtype = str(p.dtype).removeprefix("torch.")
         tensors.append(TensorInfo(name, p.shape, dtype, bank.index, bank.block_size, bank.num_motifs, bits,
@@ -607,10 +687,53 @@ def save(model: nn.Module, path: str | os.PathLike, *, coding: str = "auto") -> 
     return FileInfo(info.path, os.path.getsize(path), info.version, info.banks, info.tensors, info.dense, tied)
 
 
+def _check_storable(packed: list[tuple[str, PackedTensor]]) -> None:
+    """Refuse, before any work, a packed tensor or motif table that no .momos file can hold."""
+    checked: set[int] = set()
+    for name, p in packed:
+        dtype = str(p.dtype).removeprefix("torch.")
+        if dtype not in _PACKED_DTYPES:
+            raise MoMosStateError(f"tensor {name!r} decodes to {dtype}; a .momos file stores MoMos tensors of "
+                                  f"{list(_PACKED_DTYPES)}: cast the model (.float(), .half(), ...) before momos.save")
+        table = p.table
+        if id(table) in checked:
+            continue
+        checked.add(id(table))
+        motif_dtype = str(table.motifs.dtype).removeprefix("torch.")
+        if motif_dtype not in MOTIF_DTYPES:
+            raise MoMosStateError(f"bank {table.name!r}: motif table of dtype {motif_dtype}; a .momos file stores "
+                                  f"motifs of {list(MOTIF_DTYPES)}: cast the model (.float(), .half(), ...) first")
+        if not bool(torch.isfinite(table.motifs.detach()).all()):
+            raise MoMosValueError(f"bank {table.name!r}: the motif table holds NaN or Inf values; a .momos file "
+                                  f"stores finite motifs only")
+
+
+def _temp_pattern(name: str) -> re.Pattern:
+    """The names `_write_atomic` gives its temporary files for a target called `name`."""
+    return re.compile(rf"\.{re.escape(name)}\.\d+-[0-9a-f]{{16}}{re.escape(_TEMP_SUFFIX)}")
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove the temporary files that saves of `path` left behind (a save killed with SIGKILL cannot clean
+    up): those last written before this process loaded momos. A live save elsewhere keeps writing its own."""
+    pattern = _temp_pattern(path.name)
+    try:
+        candidates = [entry for entry in os.scandir(path.parent) if pattern.fullmatch(entry.name)]
+    except OSError:
+        return
+    for entry in candidates:
+        try:
+            if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < _STARTED:
+                os.unlink(entry.path)
+        except OSError:  # gone already, or not ours to remove: the save itself does not depend on it
+            pass
+
+
 def _write_atomic(path: Path, entries: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     folder = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    _remove_stale_temps(path)
+    tmp = folder / f".{path.name}.{os.getpid()}-{secrets.token_hex(8)}{_TEMP_SUFFIX}"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         safetensors.torch.save_file(entries, tmp, metadata=metadata)
         os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o644)
@@ -649,6 +772,9 @@ def load(path: str | os.PathLike, model: nn.Module) -> nn.Module:
             if _crc(motifs) != b.crc32:
                 raise MoMosFormatError(f"{info.path}: bank {b.index} ({b.name!r}): field 'crc32' does not match "
                                        f"the motif table's bytes")
+            if not bool(torch.isfinite(motifs).all()):
+                raise MoMosFormatError(f"{info.path}: bank {b.index} ({b.name!r}): entry 'motifs/{b.index}' holds "
+                                       f"NaN or Inf values")
             tables.append(MotifTable(b.name, b.config, motifs.clone()))
         packed = []
         for t in info.tensors:
@@ -704,4 +830,7 @@ def _check_model(info: FileInfo, model: nn.Module) -> None:
             ("in the file but not in the model", missing), ("in the model but not in the file", unexpected),
             ("shape/dtype differences", differ), ("MoMos tensors that are not parameters of the model", not_param))
             if items]
-        raise MoMosFormatError(f"{info.path}: the model does not match the file ({'; '.join(parts)})")
+        hint = ""
+        if any(want[k][0] == have[k][0] for k in want if k in have and want[k] != have[k]):
+            hint = ": cast the model to the file's dtypes (.half(), .bfloat16(), .double()) before momos.load"
+        raise MoMosFormatError(f"{info.path}: the model does not match the file ({'; '.join(parts)}){hint}")

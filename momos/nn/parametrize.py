@@ -22,10 +22,12 @@ from momos.bank import kmeans_motifs, sample_motifs
 from momos.blocks import num_blocks, reconstruct, to_blocks
 from momos.config import MoMosConfig
 from momos.errors import MoMosValueError
+from momos.nn.packed import follow_dtype
 from momos.search import assign
 from momos.search.incremental import MosaicTracker, nearest_op
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+                "bfloat16": torch.bfloat16}
 
 
 class MotifBank(nn.Module):
@@ -83,8 +85,10 @@ class MotifBank(nn.Module):
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MotifBank:
         """Moves and casts (``to``, ``to_empty``, ...) keep a refreshed bank's values and reset the others': after
-        ``to_empty`` the buffers hold arbitrary memory, which a compiled forward would read as a refresh count."""
+        ``to_empty`` the buffers hold arbitrary memory, which a compiled forward would read as a refresh count.
+        A cast (``.half()``, ``.double()``) casts the motifs, and the config's motif dtype follows them."""
         super()._apply(fn, recurse)
+        self.config = follow_dtype(self.config, self.motifs)
         if not self._refreshed:
             with torch.no_grad():
                 self.motifs.zero_()

@@ -125,7 +125,7 @@ def test_round_trip_is_bit_identical(small_model, scope: str, motif_dtype: str, 
 
 
 @pytest.mark.parametrize("coding", ["packed", "zstd", "auto"])
-def test_every_coding_round_trips_and_auto_is_smallest(coding: str, tmp_path) -> None:
+def test_every_coding_round_trips_and_auto_is_never_larger_than_packed(coding: str, tmp_path) -> None:
     torch.manual_seed(1)
     packed = converted(small_mlp(), capacity=0.1)
     info = momos.save(packed, tmp_path / "m.momos", coding=coding)
@@ -135,10 +135,10 @@ def test_every_coding_round_trips_and_auto_is_smallest(coding: str, tmp_path) ->
     if coding != "auto":
         assert {t.coding for t in info.tensors} == {coding}
     else:
-        for t in info.tensors:
+        for t in info.tensors:  # zstd where its probe promised AUTO_MARGIN and it came out smaller
             p = dict(packed_tensors(packed))[t.name]
-            sizes = [len(fmt.encode_mosaic(p.mosaic.long().numpy(), t.index_bits, c)) for c in fmt.CODINGS]
-            assert t.nbytes == min(sizes)
+            sizes = {c: len(fmt.encode_mosaic(p.mosaic.long().numpy(), t.index_bits, c)) for c in fmt.CODINGS}
+            assert t.nbytes == sizes[t.coding] <= sizes["packed"]
 
 
 def test_excluded_parameters_and_buffers_are_stored_as_they_are(tmp_path) -> None:

@@ -1,8 +1,9 @@
 """Hostile .momos files: 1050 generated corruptions of valid files; load must raise only MoMosFormatError.
 
-Truncations and flipped data bytes must always be refused; forged headers are either refused or (when
-the forgery happens to describe a valid file) load; files forged with valid checksums but indices >= k,
-wrong shapes or huge declared sizes are always refused.
+Truncations, flipped data bytes and flipped bytes of the momos header must always be refused; forged
+headers (given a matching header checksum, so that the field checks are what refuses them) are either
+refused or (when the forgery happens to describe a valid file) load; files forged with valid checksums
+but indices >= k, wrong shapes or huge declared sizes are always refused.
 """
 
 from __future__ import annotations
@@ -53,8 +54,16 @@ def split(data: bytes) -> tuple[dict, dict, bytes]:
     return entries, header, data[8 + length:]
 
 
+def metadata(header: object) -> dict[str, str]:
+    """The safetensors metadata of a momos header (an object's ``header_crc32`` made to match its fields)."""
+    if not isinstance(header, dict):
+        return {fmt.METADATA_KEY: json.dumps(header)}
+    header = {k: v for k, v in header.items() if k != "header_crc32"}
+    return {fmt.METADATA_KEY: fmt._seal(json.dumps(header))}
+
+
 def join(entries: dict, header: dict, body: bytes) -> bytes:
-    return join_container({"__metadata__": {fmt.METADATA_KEY: json.dumps(header)}, **entries}, body)
+    return join_container({"__metadata__": metadata(header), **entries}, body)
 
 
 def join_container(container_header: object, body: bytes) -> bytes:
@@ -102,6 +111,17 @@ def test_flipped_bytes_are_refused_or_harmless(case: str, flips: list[tuple[floa
     loaded = try_load(case, bytes(data))
     if any(p >= body_start for p in positions) and bytes(data)[body_start:] != valid_file(case)[body_start:]:
         assert not loaded  # every entry carries a CRC-32
+    start, end = header_span(valid_file(case))
+    if any(start <= p < end for p in positions) and bytes(data)[start:end] != valid_file(case)[start:end]:
+        assert not loaded  # and so does the header
+
+
+def header_span(data: bytes) -> tuple[int, int]:
+    """Where the momos header's JSON string (with its quotes, as the container escapes it) lies in `data`."""
+    (length,) = struct.unpack("<Q", data[:8])
+    text = json.loads(data[8:8 + length])["__metadata__"][fmt.METADATA_KEY]
+    start = data.index(json.dumps(text).encode(), 8)
+    return start, start + len(json.dumps(text))
 
 
 JSON_VALUES = st.recursive(
@@ -139,9 +159,9 @@ def test_forged_headers_are_refused_or_valid(case: str, data: st.DataObject, in_
     if in_momos_header:
         try_load(case, join(entries, forged, body))
     else:
-        metadata = forged.get("__metadata__") if isinstance(forged, dict) else None
-        if isinstance(metadata, dict) and isinstance(metadata.get(fmt.METADATA_KEY), dict):
-            metadata[fmt.METADATA_KEY] = json.dumps(metadata[fmt.METADATA_KEY])
+        found = forged.get("__metadata__") if isinstance(forged, dict) else None
+        if isinstance(found, dict) and isinstance(found.get(fmt.METADATA_KEY), dict):
+            found.update(metadata(found[fmt.METADATA_KEY]))
         try_load(case, join_container(forged, body))
 
 
@@ -156,7 +176,7 @@ def _rebuild(case: str, edit) -> bytes:
         bank["crc32"] = fmt._crc(tensors[f"motifs/{i}"])
     for t in header["tensors"]:
         t["crc32"] = fmt._crc(tensors[f"mosaic/{t['name']}"])
-    return safetensors.torch.save(tensors, metadata={fmt.METADATA_KEY: json.dumps(header)})
+    return safetensors.torch.save(tensors, metadata=metadata(header))
 
 
 @settings(max_examples=50, deadline=None)

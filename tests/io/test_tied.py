@@ -102,18 +102,22 @@ def test_a_tied_parameter_left_dense_is_stored_once(tmp_path: Path) -> None:
 
 
 def _rewrite_header(path: Path, edit) -> None:
-    """Re-write the file at `path` with its momos header changed by `edit` (entries and checksums kept)."""
+    """Re-write the file at `path` with its momos header changed by `edit` (entries and checksums kept, and
+    the header's own checksum made to match it)."""
     tensors = safetensors.torch.load_file(path)
     with safetensors.safe_open(path, framework="pt") as f:
         header = json.loads(f.metadata()[fmt.METADATA_KEY])
+    header.pop("header_crc32", None)
     edit(header)
-    safetensors.torch.save_file(tensors, path, metadata={fmt.METADATA_KEY: json.dumps(header)})
+    text = json.dumps(header)
+    sealed = fmt._seal(text) if header["version"] >= 3 else text  # a version 3 header ends with its CRC-32
+    safetensors.torch.save_file(tensors, path, metadata={fmt.METADATA_KEY: sealed})
 
 
 def test_version_1_files_load_and_forged_ties_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "m.momos"
     packed = _packed(tie=False)
-    assert momos.save(packed, path).version == fmt.FORMAT_VERSION == 2
+    assert momos.save(packed, path).version == fmt.FORMAT_VERSION == 3
 
     def as_version_1(header: dict) -> None:
         header["version"] = 1
@@ -133,7 +137,8 @@ def test_version_1_files_load_and_forged_ties_are_refused(tmp_path: Path) -> Non
         (lambda h: h.update(version=2, tied=[{"name": "a", "source": "head.weight"},
                                              {"name": "a", "source": "head.weight"}]), "appears more than once"),
         (lambda h: h.update(version=2, tied=[{"name": "a"}]), r"missing field\(s\) \['source'\]"),
-        (lambda h: h.update(version=3), "reads versions"),
+        (lambda h: h.update(version=3), r"missing field\(s\) \['tied'\]"),
+        (lambda h: h.update(version=4), "reads versions"),
     ]
     for edit, match in cases:
         _rewrite_header(path, as_version_1)  # a clean version 1 header to edit
