@@ -204,12 +204,18 @@ def require_runtime(proto: onnx.ModelProto) -> None:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
-        ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        # No provider fallback: on a model it cannot load, it prints a banner to stdout and retries the same provider.
+        ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                             enable_fallback=0)
     except Exception as e:  # onnxruntime raises its own exception types per binding
         opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
+        if "implementation" in str(e).lower():  # a kernel missing for an op at this dtype (bfloat16 Gemm on CPU)
+            fix = "onnxruntime has no kernel for an op of the model at its dtype: export a float32 or float16 copy"
+        else:
+            fix = "upgrade onnxruntime or export with a lower opset"
         raise MoMosExportError(
             f"onnxruntime {ort.__version__} cannot load the exported model (ir_version={proto.ir_version}, "
-            f"opsets={opsets}): upgrade onnxruntime or export with a lower opset. onnxruntime said: {e}"
+            f"opsets={opsets}): {fix}. onnxruntime said: {e}"
         ) from e
 
 
