@@ -45,7 +45,7 @@ _LAZY = {
     "report": "momos.reporting",
     "save": "momos.io.format",
     "load": "momos.io.format",
-    "inspect": "momos.io.format",
+    "inspect": "momos.io.header",
     "refresh_every": "momos.nn.schedule",
     "RefreshStats": "momos.nn.parametrize",
 }
@@ -60,7 +60,8 @@ __all__ = [
 if TYPE_CHECKING:
     from momos import complexity, export, runtime
     from momos.api import compress, convert, prepare, refresh
-    from momos.io.format import inspect, load, save
+    from momos.io.format import load, save
+    from momos.io.header import inspect
     from momos.nn.finetune import FinetuneStats, finetune, recalibrate_batchnorm
     from momos.nn.packed import freeze_motifs, train_motifs
     from momos.nn.parametrize import RefreshStats

@@ -141,6 +141,11 @@ class MoMosConfig:
         return cls(**data)
 
 
+def index_bits(num_motifs: int) -> int:
+    """ceil(log2 k): the bits one mosaic index needs (0 for a single motif)."""
+    return math.ceil(math.log2(num_motifs)) if num_motifs > 1 else 0
+
+
 def _check_int(field: str, value: Any, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise MoMosConfigError(f"{field} must be an integer >= {minimum}, got {value!r}")

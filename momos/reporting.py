@@ -7,8 +7,9 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
+from momos.config import index_bits
 from momos.errors import MoMosStateError
-from momos.nn.packed import index_bits, motif_tables, packed_tensors
+from momos.nn.packed import motif_tables, packed_tensors
 from momos.nn.parametrize import prepared_tensors
 
 

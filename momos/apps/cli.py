@@ -190,7 +190,7 @@ def load_state_dict(path: Path) -> dict[str, Any]:
 def _unreadable_weights(path: Path, error: Exception) -> str:
     """One line on why torch.load(weights_only=True) refused `path`: a .momos file, a pickled model, or torch's
     reason (its message spans paragraphs of advice about trusting the file)."""
-    from momos.io.format import inspect
+    from momos.io.header import inspect
 
     name = str(path)
     with open(path, "rb") as handle:
@@ -391,7 +391,7 @@ def cmd_inspect(args: argparse.Namespace, console: _Console) -> int:
     """`momos inspect`: print the header of a .momos file or the metadata of a momos .onnx file."""
     suffix = args.file.suffix.lower()
     if suffix == ".momos":
-        from momos.io.format import inspect
+        from momos.io.header import inspect
     elif suffix == ".onnx":
         from momos.runtime import inspect
     else:

@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from momos.config import index_bits
 from momos.errors import MoMosConfigError, MoMosStateError
-from momos.nn.packed import index_bits, packed_tensors
+from momos.nn.packed import packed_tensors
 
 __all__ = ["BANK_ALIGNMENT_BITS", "BANK_HEADER_FIELDS", "HEADER_FIELD_BITS", "TENSOR_HEADER_FIELDS", "BankDescription",
            "DescriptionLength", "approximate_dense_ratio", "canonical_mosaic", "dense_ratio", "description_bits",

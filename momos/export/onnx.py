@@ -70,8 +70,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
+from momos.config import index_bits
 from momos.errors import MoMosExportError
-from momos.nn.packed import MotifTable, PackedTensor, dense_copy, index_bits, packed_tensors, tied_tensors
+from momos.nn.packed import MotifTable, PackedTensor, dense_copy, packed_tensors, tied_tensors
 from momos.runtime import metadata as meta
 
 __all__ = ["ALL_AXES", "DEFAULT_OPSET", "LAYOUTS", "LOOKUPS", "MIN_OPSET", "pack_indices", "require_runtime",

@@ -1,5 +1,4 @@
-"""The .momos file: `save`, `load` and `inspect` (format in docs/format.md)."""
+"""The .momos file: `header` (its records and validation, and `inspect`, torch-free) and `format` (`save`, `load`).
 
-from momos.io.format import inspect, load, save
-
-__all__ = ["inspect", "load", "save"]
+Format: docs/format.md.
+"""

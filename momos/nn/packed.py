@@ -22,7 +22,7 @@ from momos.blocks import num_blocks, reconstruct, to_blocks
 from momos.config import MOTIF_DTYPES, MoMosConfig
 from momos.errors import MoMosStateError
 
-__all__ = ["MotifTable", "PackedTensor", "dense_copy", "follow_dtype", "freeze_motifs", "index_bits", "is_packed",
+__all__ = ["MotifTable", "PackedTensor", "dense_copy", "follow_dtype", "freeze_motifs", "is_packed",
            "members", "mosaic_dtype", "motif_tables", "packed_tensors", "tied_tensors", "train_motifs",
            "unpacked_state"]
 
@@ -51,11 +51,6 @@ def follow_dtype(config: MoMosConfig, motifs: torch.Tensor) -> MoMosConfig:
     if dtype == config.motif_dtype or dtype not in MOTIF_DTYPES:
         return config
     return config.replace(motif_dtype=dtype)
-
-
-def index_bits(num_motifs: int) -> int:
-    """ceil(log2 k): the bits one mosaic index needs (0 for a single motif)."""
-    return math.ceil(math.log2(num_motifs)) if num_motifs > 1 else 0
 
 
 class MotifTable(nn.Module):

@@ -148,9 +148,9 @@ def test_library_messages_lose_terminal_escapes_and_line_breaks(in_files: Path, 
 def test_inspect_json_is_the_only_thing_on_stdout(in_files: Path, capsys: pytest.CaptureFixture,
                                                   monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """What a library prints while the command runs (onnxruntime's "EP Error ... retrying" banner) goes to stderr."""
-    import momos.io.format
+    import momos.io.header
 
-    for module in (runtime, momos.io.format):
+    for module in (runtime, momos.io.header):
         real = module.inspect
 
         def chatty(path: object, real: object = real) -> object:

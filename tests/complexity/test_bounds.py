@@ -17,8 +17,9 @@ import momos
 from momos import complexity
 from momos.blocks import num_blocks, reconstruct
 from momos.complexity.bounds import header_bits
+from momos.config import index_bits
 from momos.io.format import pack_bits, unpack_bits
-from momos.nn.packed import index_bits, packed_tensors
+from momos.nn.packed import packed_tensors
 from momos.nn.parametrize import prepared_tensors
 
 TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

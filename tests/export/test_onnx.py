@@ -17,9 +17,10 @@ from torch import nn
 import momos
 from momos import runtime
 from momos.apps.models import mlp
+from momos.config import index_bits
 from momos.errors import MoMosExportError
 from momos.export.onnx import pack_indices, require_runtime, unpack_indices
-from momos.nn.packed import index_bits, packed_tensors
+from momos.nn.packed import packed_tensors
 
 
 def _packed(model: nn.Module, config: momos.MoMosConfig) -> nn.Module:

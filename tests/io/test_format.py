@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import momos
+from momos.config import index_bits
 from momos.errors import MoMosFormatError, MoMosStateError
 from momos.io import format as fmt
-from momos.nn.packed import index_bits, packed_tensors
+from momos.nn.packed import packed_tensors
 
 
 def converted(model: nn.Module, **config: object) -> nn.Module:

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import momos
 from momos.errors import MoMosFormatError
 from momos.io import format as fmt
+from momos.io import header as header_module
 
 FOLDER = Path(tempfile.mkdtemp(prefix="momos-fuzz-"))
 CASES = {  # name -> (model, scope, coding)
@@ -59,7 +60,7 @@ def metadata(header: object) -> dict[str, str]:
     if not isinstance(header, dict):
         return {fmt.METADATA_KEY: json.dumps(header)}
     header = {k: v for k, v in header.items() if k != "header_crc32"}
-    return {fmt.METADATA_KEY: fmt._seal(json.dumps(header))}
+    return {fmt.METADATA_KEY: header_module._seal(json.dumps(header))}
 
 
 def join(entries: dict, header: dict, body: bytes) -> bytes:

@@ -24,6 +24,7 @@ from conftest import small_mlp
 import momos
 from momos.errors import MoMosFormatError, MoMosValueError
 from momos.io import format as fmt
+from momos.io import header as header_module
 from momos.nn.packed import packed_tensors
 
 
@@ -52,7 +53,8 @@ def _rewrite(path: Path, edit_header=None, edit_tensors=None, *, checksum: bool 
     header.pop("header_crc32", None)
     text = edit_header(header) if edit_header else None
     text = text if isinstance(text, str) else json.dumps(header)
-    safetensors.torch.save_file(tensors, path, metadata={fmt.METADATA_KEY: fmt._seal(text) if checksum else text})
+    sealed = header_module._seal(text) if checksum else text
+    safetensors.torch.save_file(tensors, path, metadata={fmt.METADATA_KEY: sealed})
 
 
 # ---------------------------------------------------------------------------------------------

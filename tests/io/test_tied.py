@@ -13,6 +13,7 @@ from torch import nn
 import momos
 from momos.errors import MoMosFormatError
 from momos.io import format as fmt
+from momos.io import header as header_module
 from momos.nn.packed import dense_copy, packed_tensors, tied_tensors, train_motifs
 
 
@@ -110,7 +111,7 @@ def _rewrite_header(path: Path, edit) -> None:
     header.pop("header_crc32", None)
     edit(header)
     text = json.dumps(header)
-    sealed = fmt._seal(text) if header["version"] >= 3 else text  # a version 3 header ends with its CRC-32
+    sealed = header_module._seal(text) if header["version"] >= 3 else text  # a version 3 header ends with its CRC-32
     safetensors.torch.save_file(tensors, path, metadata={fmt.METADATA_KEY: sealed})
 
 

@@ -18,8 +18,9 @@ from torch import nn
 
 import momos
 from momos import runtime
+from momos.config import index_bits
 from momos.errors import MoMosFormatError
-from momos.nn.packed import index_bits, packed_tensors
+from momos.nn.packed import packed_tensors
 
 
 @pytest.fixture(scope="module")
