@@ -114,7 +114,8 @@ def bench(name: str, width: int, hidden: int, classes: int, runs: int, workdir: 
 
     import momos
     from momos.apps.models import mlp
-    from momos.nn.packed import index_bits, packed_tensors
+    from momos.config import index_bits
+    from momos.nn.packed import packed_tensors
 
     torch.manual_seed(0)
     model = mlp((width,), classes, hidden=hidden).eval()

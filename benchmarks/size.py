@@ -30,7 +30,8 @@ from torch import nn
 
 import momos
 from momos.apps import data, models, train
-from momos.nn.packed import index_bits, packed_tensors
+from momos.config import index_bits
+from momos.nn.packed import packed_tensors
 
 CONFIG = momos.MoMosConfig(block_size=4, capacity=0.05)
 
