@@ -44,7 +44,22 @@ def prepare(model: nn.Module, config: MoMosConfig, *, include: Iterable[Any] | N
     the selection to the tensors its selectors match; `exclude` removes tensors; `overrides` maps
     selectors to a config of their own (or ``None`` to exclude). Selectors and their precedence are
     described in `momos.config`. All tensors of scope ``"global"`` share one bank and so must agree on
-    the bank fields (block size, capacity, ...). Weights are not changed until the first `refresh`.
+    the bank fields (block size, capacity, ...). Weights are not changed until the first `refresh`. A tensor
+    whose bank would hold only the forced zero motif stays dense, with a `MoMosWarning`.
+
+    Args:
+        model: the model; copied unless `inplace`.
+        config: what MoMos does to the selected tensors.
+        include, exclude, overrides: selectors (names, ``"re:"`` regexes, module types), see `momos.config`.
+        inplace: parametrize `model` itself instead of a copy.
+
+    Returns:
+        The prepared model.
+
+    Raises:
+        MoMosConfigError: a config that is not a `MoMosConfig`, or global-bank tensors that disagree.
+        MoMosSelectionError: nothing selected, a selector that matches nothing, or every bank zero-only.
+        MoMosStateError: `model` is already prepared or converted.
     """
     if not isinstance(config, MoMosConfig):
         raise MoMosConfigError(f"config must be a MoMosConfig, got {type(config).__name__}")
@@ -117,7 +132,18 @@ def _warn_left_dense(name: str, bank: MotifBank) -> None:
 
 
 def refresh(model: nn.Module) -> RefreshStats:
-    """One MoMos projection of every prepared tensor (a new bank and mosaic per bank); returns its stats."""
+    """One MoMos projection of every prepared tensor: a new bank per bank, and every block's nearest motif.
+
+    Args:
+        model: a prepared model.
+
+    Returns:
+        `RefreshStats` per tensor and bank (k, m, distortion, weights changed, motif usage).
+
+    Raises:
+        MoMosStateError: `model` is not prepared (or is sharded with FSDP1).
+        MoMosValueError: a tensor holds NaN or Inf values.
+    """
     banks = _banks(model)
     tensors, bank_stats = {}, {}
     for bank, members in banks:
@@ -135,6 +161,16 @@ def convert(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     the mosaic packed is the assignment of the latent weights to the current bank, which is what the
     forward uses (a bank never refreshed is refreshed first). A tied parameter (prepared once, under its
     first name) becomes one packed tensor that each of its owners reads, so the tie holds.
+
+    Args:
+        model: a prepared model; copied unless `inplace`.
+        inplace: convert `model` itself.
+
+    Returns:
+        The packed model: every MoMos tensor a `PackedTensor` (see `momos.nn.packed`).
+
+    Raises:
+        MoMosStateError: `model` is not prepared, or is sharded (gather a full state dict first).
     """
     banks = _banks(model)
     for name, module, tensor_name in (member for _, members in banks for member in members):

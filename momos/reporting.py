@@ -119,7 +119,17 @@ class Report:
 
 
 def report(model: nn.Module) -> Report:
-    """The per-tensor cost and error of a prepared or converted model (see `TensorReport`)."""
+    """The per-tensor cost and error of a prepared or converted model, and the parameters left dense.
+
+    Args:
+        model: a prepared or converted model.
+
+    Returns:
+        A `Report`: ``str(report)`` is a table, `Report.to_dict` its JSON form.
+
+    Raises:
+        MoMosStateError: `model` holds no MoMos tensor.
+    """
     rows: list[tuple] = []  # name, bank key, bank name, shape, n, m, k, s, q, rmse
     packed = list(packed_tensors(model))
     if packed:
