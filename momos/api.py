@@ -242,6 +242,8 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
 
     `prepare` (on a copy), one `refresh`, `convert`; then, when `data` is given, `finetune` of the motif tables:
     on labelled batches with `loss`, else by distillation from `teacher` (default: `model` itself, as given).
+    Without `data`, a model with BatchNorm wants `momos.recalibrate_batchnorm(packed, inputs)` after this: its
+    statistics were measured on the dense weights (`finetune` re-estimates them itself).
 
     Args:
         model: the dense model; left unchanged.
