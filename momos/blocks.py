@@ -34,7 +34,7 @@ def from_blocks(blocks: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> to
 
 
 # A motif of 8 or 16 bytes (s=2 or 4 in float32) is gathered as one element of that width: a CPU
-# index_select copies one wide element faster than a row of float32 values of the same size.
+# A row of s values viewed as one wide element, so that index_select copies one element per block.
 _ROW_AS_ONE = {8: torch.int64, 16: torch.complex128}
 
 

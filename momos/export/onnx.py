@@ -30,13 +30,9 @@ Motif lookups (``motif_lookup``):
   ConstantFolding does not fold ai.onnx.ml ops, so a "planes" file decodes at every run even when
   loaded with ``weights="folded"``, at compact latency. Export with "gather" for folding.
 
-Why "gather" stays the default although compact runs are several times slower than dense: no standard
-op looks rows up much faster. Gather costs the same with int32 or int64 indices, and GatherND no less;
-``GatherElements(axis=1)`` over (s, k) planes with the indices expanded to (s, m) is faster on small
-tables but slower on large ones, whose planes outgrow the L2 cache (four plane misses per block instead
-of one row miss, and an (s, m) Transpose of the whole mosaic), and its nodes cost a small file its size
-margin. The unpack of packed mosaics alone, six elementwise passes over the indices, already costs more
-than a dense run. The measurements: docs/benchmarks.md (ONNX compact lookups).
+The lookup is a Gather of motif rows by the mosaic: one row read per block, whatever the table's size, and
+the same graph for int32 and int64 indices. The alternatives weighed and their measurements: docs/onnx.md
+and docs/benchmarks.md (ONNX compact lookups).
 
 How folding is prevented: the model is exported by ``torch.onnx.export(dynamo=True, optimize=False)``
 with dense stand-ins for the MoMos tensors (named by their fully-qualified names), the stand-ins are

@@ -47,8 +47,8 @@ _jit = numba.njit(cache=True, nogil=True, error_model="numpy")
 # Relative slack on a box's distance before its subtree is skipped: far above the rounding of D and of
 # the box's distance (~1e-15 relative), so a skipped motif is never as near as the worst motif kept.
 _PRUNE_SLACK = 1e-9
-# Queries of up to this many motifs start from the previous query's answer: for more, the heap fills
-# faster from the query's own leaf.
+# Queries of up to this many motifs start from the previous query's answer; a query for more fills its heap
+# from its own leaf.
 _WARM_COUNT = 24
 
 
