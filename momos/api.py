@@ -68,12 +68,7 @@ def prepare(model: nn.Module, config: MoMosConfig, *, include: Iterable[Any] | N
     if not inplace:
         model = copy.deepcopy(model)
 
-    candidates, seen = [], set()
-    for module_name, module in model.named_modules():
-        for name, param in module.named_parameters(recurse=False):
-            if param.requires_grad and param.is_floating_point() and id(param) not in seen:
-                seen.add(id(param))  # a tied parameter is prepared once, under its first name
-                candidates.append((_join(module_name, name), module_name, module))
+    candidates = _candidates(model)
     rules = build_rules(config, include, exclude, overrides)
     chosen = resolve(candidates, None if include else config, rules)
     if not chosen:
@@ -261,13 +256,8 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
     config = default_config() if config is None else config
     if include is None:
         # The default selection, with the user's exclusions and overrides applied by prepare's own rules.
-        candidates, seen = [], set()
-        for module_name, module in model.named_modules():
-            weight = module._parameters.get("weight")
-            if isinstance(module, COMPRESSED_TYPES) and weight is not None and weight.requires_grad \
-                    and id(weight) not in seen:
-                seen.add(id(weight))  # a tied weight is compressed once, under its first name
-                candidates.append((_join(module_name, "weight"), module_name, module))
+        candidates = [(name, module_name, module) for name, module_name, module in _candidates(model)
+                      if isinstance(module, COMPRESSED_TYPES) and name == _join(module_name, "weight")]
         chosen = resolve(candidates, config, build_rules(config, None, exclude, overrides))
         if not chosen:
             raise MoMosSelectionError("no weight matrix of a Linear, Conv or Embedding module to compress: name the "
@@ -296,6 +286,18 @@ def _stale(bank: MotifBank, members: list[Member]) -> bool:
                                                dtype=weight.dtype)):
             return True
     return False
+
+
+def _candidates(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+    """``(parameter name, module name, module)`` of every trainable floating-point parameter, in module order; a
+    tied parameter once, under its first name."""
+    candidates, seen = [], set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and param.is_floating_point() and id(param) not in seen:
+                seen.add(id(param))
+                candidates.append((_join(module_name, name), module_name, module))
+    return candidates
 
 
 def _join(prefix: str, name: str) -> str:
