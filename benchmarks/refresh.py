@@ -61,7 +61,7 @@ def disagreements(blocks: torch.Tensor, motifs: torch.Tensor, ours: torch.Tensor
 
 def compare(block_size: int, capacity: float) -> None:
     torch.manual_seed(0)
-    model = momos.prepare(mlp((INPUT,), CLASSES), momos.MoMosConfig(block_size=block_size, capacity=capacity),
+    model = momos.prepare(mlp((INPUT,), CLASSES), momos.MoMosConfig.paper(block_size=block_size, capacity=capacity),
                           inplace=True)
     blocks = torch.cat([to_blocks(w, block_size) for _, _, w in prepared_tensors(model)]).clone()
     start = time.perf_counter()
@@ -84,7 +84,7 @@ def compare(block_size: int, capacity: float) -> None:
 def warm_up() -> None:
     """Two refreshes of a small MLP: the engines' imports, compiled code and thread pools load outside the
     measurements."""
-    warm = momos.prepare(mlp((64,), 10, hidden=64), momos.MoMosConfig(block_size=4, capacity=0.05), inplace=True)
+    warm = momos.prepare(mlp((64,), 10, hidden=64), momos.MoMosConfig.paper(block_size=4, capacity=0.05), inplace=True)
     momos.refresh(warm)
     momos.refresh(warm)
 
@@ -93,7 +93,7 @@ def child(params: int) -> None:
     """One refresh of an MLP of about `params` parameters in this fresh process; prints a JSON line."""
     warm_up()
     torch.manual_seed(0)
-    config = momos.MoMosConfig(block_size=4, capacity=0.05)
+    config = momos.MoMosConfig.paper(block_size=4, capacity=0.05)
     model = momos.prepare(mlp((INPUT,), CLASSES, hidden=hidden_for(params)), config, inplace=True)
     targeted = sum(w.numel() * w.element_size() for _, _, w in prepared_tensors(model))
     with open("/proc/self/clear_refs", "w") as f:

@@ -33,7 +33,7 @@ from momos.apps import data, models, train
 from momos.config import index_bits
 from momos.nn.packed import packed_tensors
 
-CONFIG = momos.MoMosConfig(block_size=4, capacity=0.05)
+CONFIG = momos.MoMosConfig.paper(block_size=4, capacity=0.05)
 
 
 def dense_checkpoint_bytes(packed: nn.Module) -> int:

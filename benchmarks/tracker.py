@@ -40,7 +40,7 @@ def record(batch_size: int, steps: int) -> tuple[torch.Tensor, list[torch.Tensor
     x = torch.randn(SAMPLES, 64, generator=g)
     y = (x[:, :10].argmax(1) + (x[:, 10] > 1).long()) % 10
     torch.manual_seed(0)
-    model = momos.prepare(mlp((64,), 10), momos.MoMosConfig(block_size=BLOCK_SIZE, capacity=0.05, mode="ste"))
+    model = momos.prepare(mlp((64,), 10), momos.MoMosConfig.paper(block_size=BLOCK_SIZE, capacity=0.05, mode="ste"))
     momos.refresh(model)
     members = [(module, name) for module in model.modules() if hasattr(module, "parametrizations")
                for name in module.parametrizations]

@@ -96,7 +96,7 @@ def epoch(initial: nn.Module, data: Dataset, method: str, batch_size: int, phase
           seed: int) -> tuple[float, float, float]:
     """(MoMos epoch seconds, of which refreshing, dense epoch seconds) of one epoch trained side by side."""
     dense = copy.deepcopy(initial)
-    prepared = momos.prepare(initial, momos.MoMosConfig(block_size=4, capacity=0.05, mode=method))
+    prepared = momos.prepare(initial, momos.MoMosConfig.paper(block_size=4, capacity=0.05, mode=method))
     momos.refresh(prepared)  # STE needs a bank to train against; hard starts from a mosaic too
     order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
     batches = split_batches(order, batch_size)

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
         for capacity in (0.01, 0.05):
             for motifs in ("random", "kmeans"):
                 for name, (mode, refresh) in schedules.items():
-                    config = momos.MoMosConfig(block_size=4, capacity=capacity, motif_init=motifs, mode=mode,
+                    config = momos.MoMosConfig.paper(block_size=4, capacity=capacity, motif_init=motifs, mode=mode,
                                                seed=seed)
                     model = momos.prepare(initial, config)
                     start = time.perf_counter()

@@ -37,6 +37,8 @@ _LAZY = {
     "refresh": "momos.api",
     "convert": "momos.api",
     "compress": "momos.api",
+    "calibrate": "momos.nn.calibrate",
+    "CalibrationStats": "momos.nn.calibrate",
     "finetune": "momos.nn.finetune",
     "FinetuneStats": "momos.nn.finetune",
     "recalibrate_batchnorm": "momos.nn.finetune",
@@ -62,6 +64,7 @@ if TYPE_CHECKING:
     from momos.api import compress, convert, prepare, refresh
     from momos.io.format import load, save
     from momos.io.header import inspect
+    from momos.nn.calibrate import CalibrationStats, calibrate
     from momos.nn.finetune import FinetuneStats, finetune, recalibrate_batchnorm
     from momos.nn.packed import freeze_motifs, train_motifs
     from momos.nn.parametrize import RefreshStats

@@ -15,7 +15,9 @@ from torch.nn.utils import parametrize
 from momos.blocks import num_blocks, reconstruct, to_blocks
 from momos.config import BANK_FIELDS, MoMosConfig, build_rules, resolve
 from momos.errors import MoMosConfigError, MoMosSelectionError, MoMosStateError, MoMosWarning
+from momos.nn import calibrate as calibration
 from momos.nn.finetune import finetune
+from momos.nn.finetune import inputs_of as finetune_inputs
 from momos.nn.packed import MotifTable, PackedTensor, attach, is_packed, own_class
 from momos.nn.parametrize import (
     Member,
@@ -40,12 +42,14 @@ def prepare(model: nn.Module, config: MoMosConfig, *, include: Iterable[Any] | N
             inplace: bool = False) -> nn.Module:
     """Put a MoMos parametrization on the selected tensors of `model` and return it.
 
-    By default every trainable floating-point parameter is selected with `config`. `include` restricts
-    the selection to the tensors its selectors match; `exclude` removes tensors; `overrides` maps
-    selectors to a config of their own (or ``None`` to exclude). Selectors and their precedence are
-    described in `momos.config`. All tensors of scope ``"global"`` share one bank and so must agree on
-    the bank fields (block size, capacity, ...). Weights are not changed until the first `refresh`. A tensor
-    whose bank would hold only the forced zero motif stays dense, with a `MoMosWarning`.
+    By default the tensors `config.targets` names are selected with `config`: every trainable floating-point
+    parameter with at least two dimensions (``"matrices"``), or every one (``"all"``, the paper's, as
+    `MoMosConfig.paper()` sets it). `include` restricts the selection to the tensors its selectors match;
+    `exclude` removes tensors; `overrides` maps selectors to a config of their own (or ``None`` to exclude).
+    Selectors and their precedence are described in `momos.config`. All tensors of scope ``"global"`` share
+    one bank and so must agree on the bank fields (block size, capacity, ...). Weights are not changed until
+    the first `refresh`. A tensor whose bank would hold only the forced zero motif stays dense, with a
+    `MoMosWarning`.
 
     Args:
         model: the model; copied unless `inplace`.
@@ -69,13 +73,15 @@ def prepare(model: nn.Module, config: MoMosConfig, *, include: Iterable[Any] | N
         model = copy.deepcopy(model)
 
     candidates = _candidates(model)
-    rules = build_rules(config, include, exclude, overrides)
-    chosen = resolve(candidates, None if include else config, rules)
-    if not chosen:
-        raise MoMosSelectionError("no tensor selected: the model has no trainable floating-point parameter "
-                                  "that the selectors admit")
-
     owners = {full: (module, full.rsplit(".", 1)[-1]) for full, _, module in candidates}
+    rules = build_rules(config, include, exclude, overrides)
+    chosen = resolve(candidates, None if include else config, rules,
+                     targeted=lambda name: _targeted(config, owners[name][0]._parameters[owners[name][1]]))
+    if not chosen:
+        raise MoMosSelectionError(f"no tensor selected: the model has no trainable floating-point parameter that the "
+                                  f"selectors and targets={config.targets!r} admit (name the tensors with include=, "
+                                  f"or give targets='all')")
+
     weights = {n: owners[n][0]._parameters[owners[n][1]] for n in chosen}
     global_names = [n for n, c in chosen.items() if c.scope == "global"]
     _check_global_agreement(global_names, chosen, weights)
@@ -105,6 +111,11 @@ def prepare(model: nn.Module, config: MoMosConfig, *, include: Iterable[Any] | N
         module, tensor_name = owners[name]
         register(module, tensor_name, MoMosParametrization(bank, weights[name].shape, weights[name].device))
     return model
+
+
+def _targeted(config: MoMosConfig, param: torch.Tensor) -> bool:
+    """Whether `config.targets` selects `param` when no `include` is given."""
+    return config.targets == "all" or param.dim() >= 2
 
 
 def _zero_only(bank: MotifBank) -> bool:
@@ -220,23 +231,23 @@ def _parameter_slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]
     return slots
 
 
-# What `compress` compresses by default: the weight matrices of these module types (biases and norms stay dense).
-COMPRESSED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
-
-
 def default_config() -> MoMosConfig:
-    """`compress`'s default: blocks of 4, k-means motifs in one global bank, 3 bits per compressed weight."""
-    return MoMosConfig(block_size=4, bits_per_weight=3.0, motif_init="kmeans")
+    """`compress`'s default: blocks of 4, k-means motifs in one global bank over the weight matrices, 3 bits per
+    compressed weight."""
+    return MoMosConfig(block_size=4, bits_per_weight=3.0)
 
 
 def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable[Any] | None = None, *,
              teacher: nn.Module | None = None, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
              include: Iterable[Any] | None = None, exclude: Iterable[Any] | None = None,
-             overrides: Mapping[Any, MoMosConfig | None] | None = None, **finetune_args: Any) -> nn.Module:
+             overrides: Mapping[Any, MoMosConfig | None] | None = None, calibrate: bool = True,
+             **finetune_args: Any) -> nn.Module:
     """The recommended path for a trained or pretrained model: one projection, convert, then fine-tune the motifs.
 
-    `prepare` (on a copy), one `refresh`, `convert`; then, when `data` is given, `finetune` of the motif tables:
-    on labelled batches with `loss`, else by distillation from `teacher` (default: `model` itself, as given).
+    `prepare` (on a copy), one `refresh`, `convert`; then, when `data` is given, `momos.calibrate` (each Linear
+    weight's blocks re-assigned to keep the layer's outputs on `data`'s inputs close to the dense ones, where that
+    lowers the model's output error) and `finetune` of the motif tables: on labelled batches with `loss`, else by
+    distillation from `teacher` (default: `model` itself, as given).
     Without `data`, a model with BatchNorm wants `momos.recalibrate_batchnorm(packed, inputs)` after this: its
     statistics were measured on the dense weights (`finetune` re-estimates them itself).
 
@@ -246,28 +257,21 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
         data: batches for fine-tuning (see `momos.finetune`); None: no fine-tuning.
         teacher: the model to distill from (default `model`).
         loss: a task loss on ``(inputs, target)`` batches instead of distillation.
-        include, exclude, overrides: the selection, as in `prepare`; by default the weight matrices of Linear,
-            Conv and Embedding modules (`COMPRESSED_TYPES`).
+        calibrate: with `data`, re-assign the Linear weights' blocks by output error before fine-tuning.
+        include, exclude, overrides: the selection, as in `prepare`; by default `config.targets`: the weight
+            matrices (every trainable parameter with at least two dimensions), biases and norms left dense.
         **finetune_args: passed to `momos.finetune` (epochs, lr, distill, dense, progress, ...).
 
     Returns:
         The packed model.
     """
     config = default_config() if config is None else config
-    if include is None:
-        # The default selection, with the user's exclusions and overrides applied by prepare's own rules.
-        candidates = [(name, module_name, module) for name, module_name, module in _candidates(model)
-                      if isinstance(module, COMPRESSED_TYPES) and name == _join(module_name, "weight")]
-        chosen = resolve(candidates, config, build_rules(config, None, exclude, overrides))
-        if not chosen:
-            raise MoMosSelectionError("no weight matrix of a Linear, Conv or Embedding module to compress: name the "
-                                      "tensors with include=")
-        include, exclude = list(chosen), None
-        overrides = {name: cfg for name, cfg in chosen.items() if cfg != config} or None
     prepared = prepare(model, config, include=include, exclude=exclude, overrides=overrides)
     refresh(prepared)
     packed = convert(prepared, inplace=True)
     if data is not None:
+        if calibrate:
+            calibration.calibrate(packed, model, [finetune_inputs(batch, labelled=loss is not None) for batch in data])
         if loss is None and teacher is None:
             teacher = model
         finetune(packed, data, teacher=teacher, loss=loss, **finetune_args)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,9 @@ from momos.errors import MoMosConfigError, MoMosSelectionError
 SCOPES = ("global", "tensor")
 MODES = ("hard", "ste")
 MOTIF_INITS = ("random", "kmeans")
+# What `prepare` selects when no `include` is given: every trainable floating-point parameter with at least two
+# dimensions (weight matrices, convolution kernels, embeddings), or every one (the paper's, biases and norms too).
+TARGETS = ("matrices", "all")
 MOTIF_DTYPES = {"float64": 64, "float32": 32, "float16": 16, "bfloat16": 16}  # motif dtype -> bits per value (q)
 
 # Fields that every tensor sharing one global bank must agree on.
@@ -41,6 +44,11 @@ class MoMosConfig:
     Give exactly one of `capacity` (c: the bank holds ``max(1, min(floor(c * m), m))`` motifs for the m
     blocks it serves), `num_motifs` (k, capped at m) or `bits_per_weight` (b: the largest k whose mosaic and
     motif table take at most b bits per weight of the tensors the bank serves, see `num_motifs_for`).
+    `targets` is what `prepare` selects when it is given no `include`: ``"matrices"`` (the default) every
+    trainable floating-point parameter with at least two dimensions, so biases and norms stay dense; ``"all"``
+    every trainable floating-point parameter (the paper's). It is read from the config given to `prepare`, not
+    from overrides. `motif_init` is how a refresh draws the bank: ``"kmeans"`` (the default) refines a draw
+    of the blocks by `kmeans_iters` Lloyd iterations, ``"random"`` keeps the draw (the paper's).
     `scope="global"` shares one bank among all
     targeted tensors (the reference default); `"tensor"` gives each tensor its own. `mode="hard"` writes
     the projection into the weights at each refresh and trains densely in between (the paper);
@@ -56,7 +64,8 @@ class MoMosConfig:
     bits_per_weight: float | None = None
     force_zero: bool = True
     scope: str = "global"
-    motif_init: str = "random"
+    targets: str = "matrices"
+    motif_init: str = "kmeans"
     kmeans_iters: int = 10
     mode: str = "hard"
     motif_dtype: str = "float32"
@@ -82,6 +91,7 @@ class MoMosConfig:
         if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0):
             raise MoMosConfigError(f"bits_per_weight must be a positive number, got {b!r}")
         _check_choice("scope", self.scope, SCOPES)
+        _check_choice("targets", self.targets, TARGETS)
         _check_choice("mode", self.mode, MODES)
         _check_choice("motif_init", self.motif_init, MOTIF_INITS)
         _check_choice("motif_dtype", dtype, tuple(MOTIF_DTYPES))
@@ -92,9 +102,10 @@ class MoMosConfig:
 
     @classmethod
     def paper(cls, **changes: Any) -> MoMosConfig:
-        """The paper's algorithm: s=2, c=5%, forced zero motif, random bank, one global bank, hard projection."""
-        fields = dict(block_size=2, capacity=0.05, force_zero=True, scope="global", motif_init="random",
-                      mode="hard", motif_dtype="float32")
+        """The paper's algorithm: every trainable parameter, s=2, c=5%, forced zero motif, random bank, one global
+        bank, hard projection."""
+        fields = dict(block_size=2, capacity=0.05, force_zero=True, scope="global", targets="all",
+                      motif_init="random", mode="hard", motif_dtype="float32")
         fields.update(changes)
         return cls(**fields)
 
@@ -219,11 +230,12 @@ def _matches(rule: _Rule, param_name: str, module_name: str, module: Any) -> boo
 
 
 def resolve(candidates: Iterable[tuple[str, str, Any]], default: MoMosConfig | None,
-            rules: list[_Rule]) -> dict[str, MoMosConfig]:
+            rules: list[_Rule], *, targeted: Callable[[str], bool] | None = None) -> dict[str, MoMosConfig]:
     """Map each candidate ``(param_name, module_name, module)`` to its config by the written precedence.
 
-    `default` applies where no rule matches (``None``: not selected). Every rule must match at least one
-    candidate: a selector the user named that matches nothing is an error, not a silent no-op.
+    `default` applies where no rule matches (``None``: not selected), and only to the parameter names
+    `targeted` admits when it is given. Every rule must match at least one candidate: a selector the user
+    named that matches nothing is an error, not a silent no-op.
     """
     rank = {(lvl, kind): (i, j) for i, lvl in enumerate(_LEVELS) for j, kind in enumerate(_KINDS)}
     used: set[int] = set()
@@ -232,7 +244,10 @@ def resolve(candidates: Iterable[tuple[str, str, Any]], default: MoMosConfig | N
         hits = [(rank[(r.level, r.kind)], i, r) for i, r in enumerate(rules)
                 if _matches(r, param_name, module_name, module)]
         used.update(i for _, i, _ in hits)
-        config = min(hits, key=lambda h: h[:2])[2].config if hits else default
+        if hits:
+            config = min(hits, key=lambda h: h[:2])[2].config
+        else:
+            config = default if targeted is None or targeted(param_name) else None
         if config is not None:
             chosen[param_name] = config
     unmatched = [r.describe() for i, r in enumerate(rules) if i not in used]

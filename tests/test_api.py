@@ -30,7 +30,7 @@ def _banks(model):
 def test_refreshed_tensors_are_mosaics_of_their_bank(s, c, zero, scope, seed):
     torch.manual_seed(seed)
     dense = _mlp()
-    config = MoMosConfig(block_size=s, capacity=c, force_zero=zero, scope=scope, seed=seed)
+    config = MoMosConfig(block_size=s, capacity=c, force_zero=zero, scope=scope, seed=seed, targets="all")
     blocks_of = {n: num_blocks(w.numel(), s) for n, w in dense.named_parameters()}
     served = blocks_of if scope == "tensor" else {n: sum(blocks_of.values()) for n in blocks_of}
     zero_only = {n for n, m in served.items() if zero and config.num_motifs_for(m) == 1}
@@ -64,8 +64,8 @@ def test_refreshed_tensors_are_mosaics_of_their_bank(s, c, zero, scope, seed):
 
 
 def test_global_scope_shares_one_bank_and_tensor_scope_does_not():
-    g = momos.prepare(_mlp(), MoMosConfig(capacity=0.2))
-    t = momos.prepare(_mlp(), MoMosConfig(capacity=0.2, scope="tensor", force_zero=False))
+    g = momos.prepare(_mlp(), MoMosConfig(capacity=0.2, targets="all"))
+    t = momos.prepare(_mlp(), MoMosConfig(capacity=0.2, scope="tensor", force_zero=False, targets="all"))
     assert len(_banks(g)) == 1 and len(_banks(t)) == 4
     (bank,) = _banks(g).values()
     assert bank.num_blocks == sum(p.num_blocks for _, p, _ in prepared_tensors(g))
@@ -106,7 +106,7 @@ def test_refresh_is_deterministic_for_a_seed():
 def test_kmeans_init_lowers_distortion_against_random():
     torch.manual_seed(0)
     base = _mlp((64, 64, 32))
-    rand = momos.refresh(momos.prepare(base, MoMosConfig(capacity=0.05))).distortion
+    rand = momos.refresh(momos.prepare(base, MoMosConfig(capacity=0.05, motif_init="random"))).distortion
     km = momos.refresh(momos.prepare(base, MoMosConfig(capacity=0.05, motif_init="kmeans"))).distortion
     assert km < rand
 
@@ -249,7 +249,7 @@ def test_mosaic_dtype_is_the_smallest_unsigned_that_fits():
 
 def test_selection_through_prepare():
     cnn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 36, 3))
-    cfg = MoMosConfig(capacity=0.2)
+    cfg = MoMosConfig(capacity=0.2, targets="all")
     model = momos.prepare(cnn, cfg, exclude=[nn.BatchNorm2d], overrides={"3.weight": cfg.replace(scope="tensor",
                                                                                                   block_size=2)})
     names = {n: p.bank.name for n, p, _ in prepared_tensors(model)}
@@ -262,7 +262,7 @@ def test_selection_through_prepare():
 
 
 def test_errors_of_the_lifecycle():
-    cfg = MoMosConfig(capacity=0.2)
+    cfg = MoMosConfig(capacity=0.2, targets="all")
     model = momos.prepare(_mlp(), cfg)
     with pytest.raises(MoMosStateError, match="already prepared"):
         momos.prepare(model, cfg)
@@ -343,7 +343,7 @@ def test_ste_fast_property_defers_to_torch_when_caching_or_another_parametrizati
 def test_a_tensor_whose_bank_is_only_the_zero_motif_is_left_dense_with_a_warning():
     model = nn.Sequential(nn.Linear(384, 384), nn.LayerNorm(384))
     model[1].weight.data.uniform_(0.5, 1)
-    config = MoMosConfig(block_size=4, capacity=0.01, scope="tensor")
+    config = MoMosConfig(block_size=4, capacity=0.01, scope="tensor", targets="all")
     with pytest.warns(momos.MoMosWarning) as caught:
         prepared = momos.prepare(model, config)
     left = sorted(str(w.message).split("'")[1] for w in caught)
@@ -361,8 +361,8 @@ def test_a_tensor_whose_bank_is_only_the_zero_motif_is_left_dense_with_a_warning
     with pytest.raises(MoMosSelectionError, match="no tensor left to compress"), pytest.warns(momos.MoMosWarning):
         momos.prepare(model, config, include=[nn.LayerNorm])
     # One motif besides the zero, or no forced zero, is an approximation of the tensor: it is compressed.
-    for config in (MoMosConfig(block_size=4, num_motifs=2, scope="tensor"),
-                   MoMosConfig(block_size=4, capacity=0.01, scope="tensor", force_zero=False)):
+    for config in (MoMosConfig(block_size=4, num_motifs=2, scope="tensor", targets="all"),
+                   MoMosConfig(block_size=4, capacity=0.01, scope="tensor", force_zero=False, targets="all")):
         packed = momos.convert(momos.prepare(model, config))
         assert len(momos.report(packed).tensors) == 4
         assert packed[1].weight.abs().min() > 0.4
@@ -382,3 +382,20 @@ def test_bits_per_weight_bounds_the_report_and_the_file(tmp_path):
         info = momos.inspect(path)
         stored = sum(t.nbytes for t in info.tensors) + sum(bank.num_motifs * 4 * 4 for bank in info.banks)
         assert stored * 8 <= b * report.numel + 8 * len(info.tensors)  # mosaics are padded to whole bytes
+
+
+def test_targets_pick_what_prepare_selects_without_include():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.LayerNorm(8), nn.Conv1d(8, 4, 3))
+    matrices = momos.prepare(model, MoMosConfig(capacity=0.2))
+    assert [n for n, _, _ in prepared_tensors(matrices)] == ["0.weight", "1.weight", "3.weight"]
+    assert {d.name for d in momos.report(momos.convert(matrices)).dense} == {"1.bias", "2.weight", "2.bias", "3.bias"}
+    every = momos.prepare(model, MoMosConfig.paper(capacity=0.2))
+    assert len(list(prepared_tensors(every))) == len(list(model.parameters()))
+    # an override selects what it names, targeted or not; include replaces the targets
+    cfg = MoMosConfig(capacity=0.2)
+    with_norm = momos.prepare(model, cfg, overrides={"2.weight": cfg.replace(scope="tensor", capacity=1.0)})
+    assert "2.weight" in {n for n, _, _ in prepared_tensors(with_norm)}
+    only_bias = momos.prepare(model, cfg.replace(capacity=1.0), include=["1.bias"])
+    assert [n for n, _, _ in prepared_tensors(only_bias)] == ["1.bias"]
+    with pytest.raises(MoMosSelectionError, match="targets='matrices'.*include="):
+        momos.prepare(nn.Sequential(nn.LayerNorm(8)), cfg)

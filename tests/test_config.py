@@ -65,6 +65,7 @@ def test_bits_per_weight_exact_cases():
     (dict(capacity=0.1, scope="layer"), "scope"),
     (dict(capacity=0.1, mode="soft"), "mode"),
     (dict(capacity=0.1, motif_init="pca"), "motif_init"),
+    (dict(capacity=0.1, targets="linear"), "targets"),
     (dict(capacity=0.1, motif_dtype="int8"), "motif_dtype"),
     (dict(capacity=0.1, seed=-1), "seed"),
 ])
@@ -82,8 +83,14 @@ def test_torch_dtype_is_accepted_and_normalised():
 
 def test_paper_preset_and_round_trip():
     paper = MoMosConfig.paper()
-    assert (paper.block_size, paper.capacity, paper.motif_init, paper.mode) == (2, 0.05, "random", "hard")
+    assert (paper.block_size, paper.capacity, paper.motif_init, paper.mode, paper.targets) == \
+        (2, 0.05, "random", "hard", "all")
     assert MoMosConfig.from_dict(paper.to_dict()) == paper
+    # the measured defaults (docs/accuracy.md); a file written before `targets` existed reads with the default
+    default = MoMosConfig(capacity=0.05)
+    assert (default.motif_init, default.targets) == ("kmeans", "matrices")
+    old = {k: v for k, v in default.to_dict().items() if k != "targets"}
+    assert MoMosConfig.from_dict(old) == default
     with pytest.raises(MoMosConfigError, match="bogus"):
         MoMosConfig.from_dict({**paper.to_dict(), "bogus": 1})
 

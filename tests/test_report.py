@@ -25,7 +25,7 @@ def test_report_counts_bits_exactly_for_tensor_scope():
 
 def test_report_shares_the_global_table_and_agrees_before_and_after_convert():
     torch.manual_seed(0)
-    prepared = momos.prepare(nn.Sequential(nn.Linear(20, 8), nn.Linear(8, 3)), MoMosConfig(capacity=0.1))
+    prepared = momos.prepare(nn.Sequential(nn.Linear(20, 8), nn.Linear(8, 3)), MoMosConfig(capacity=0.1, targets="all"))
     momos.refresh(prepared)
     before, after = momos.report(prepared), momos.report(momos.convert(prepared))
     assert before.to_dict() == after.to_dict()

@@ -330,7 +330,7 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
     from momos.apps.train import evaluate, split_batches
 
     size = {"capacity": args.capacity} if args.capacity is not None else {"bits_per_weight": args.bits}
-    config = momos.MoMosConfig(block_size=args.block_size, motif_init="kmeans", seed=args.seed, **size)
+    config = momos.MoMosConfig(block_size=args.block_size, seed=args.seed, **size)
     labelled = load_data(args.finetune, args.seed)[0] if args.finetune else None
     if args.calibrate:
         try:
@@ -348,16 +348,20 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
     packed = momos.compress(model, config)
     tune = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "progress": console.progress}
     if labelled is not None:
-        accuracy["momos_before_finetune"] = evaluate(packed, labelled.x_test, labelled.y_test)
-        console.log(f"fine-tuning the motif tables for {args.epochs} epochs on labelled data")
         batches = [(labelled.x_train[b], labelled.y_train[b])
                    for b in split_batches(torch.arange(len(labelled.x_train)), 64)]
+        console.log("re-assigning the Linear weights' blocks by their output error on the training inputs")
+        momos.calibrate(packed, model, [x for x, _ in batches])
+        accuracy["momos_before_finetune"] = evaluate(packed, labelled.x_test, labelled.y_test)
+        console.log(f"fine-tuning the motif tables for {args.epochs} epochs on labelled data")
         momos.finetune(packed, batches, loss=torch.nn.functional.cross_entropy, **tune)
         accuracy["momos"] = evaluate(packed, labelled.x_test, labelled.y_test)
     elif args.calibrate:
+        batches = [inputs[b] for b in split_batches(torch.arange(len(inputs)), 64)]
+        console.log("re-assigning the Linear weights' blocks by their output error on the inputs")
+        momos.calibrate(packed, model, batches)
         console.log(f"fine-tuning the motif tables for {args.epochs} epochs by distillation from the dense model")
-        momos.finetune(packed, [inputs[b] for b in split_batches(torch.arange(len(inputs)), 64)], teacher=model,
-                       **tune)
+        momos.finetune(packed, batches, teacher=model, **tune)
     momos.save(packed, args.output)
     rep = momos.report(packed)
     file_bytes = Path(args.output).stat().st_size
@@ -377,10 +381,8 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
 def _check_block_size(model: Any, block_size: int) -> None:
     """Refuse a block size above the largest weight matrix `momos.compress` would compress: a block never spans
     two tensors, so such a size only pads every tensor into one mostly-zero block."""
-    from momos.api import COMPRESSED_TYPES
-
-    sizes = {f"{name}.weight" if name else "weight": module.weight.numel() for name, module in model.named_modules()
-             if isinstance(module, COMPRESSED_TYPES) and getattr(module, "weight", None) is not None}
+    sizes = {name: param.numel() for name, param in model.named_parameters()
+             if param.requires_grad and param.is_floating_point() and param.dim() >= 2}
     if sizes and block_size > max(sizes.values()):
         largest = max(sizes, key=sizes.__getitem__)
         raise UsageError(f"--block-size {block_size} exceeds the largest weight matrix of the model "

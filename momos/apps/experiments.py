@@ -34,6 +34,7 @@ from momos.config import MoMosConfig
 from momos.errors import MoMosConfigError, MoMosError
 from momos.export import to_onnx
 from momos.io.format import load, save
+from momos.nn.calibrate import calibrate
 from momos.nn.finetune import finetune
 from momos.nn.packed import packed_tensors
 from momos.reporting import report
@@ -139,16 +140,16 @@ class DemoModels:
 
 
 def train_demo_models(*, epochs: int, seed: int = 0, block_size: int = 4, capacity: float = 0.05,
-                      bits_per_weight: float = 3.0, finetune_epochs: int = FINETUNE_EPOCHS, progress: bool = False,
-                      log: Log = _quiet) -> DemoModels:
+                      bits_per_weight: float = 3.0, finetune_epochs: int = FINETUNE_EPOCHS, calibrated: bool = True,
+                      progress: bool = False, log: Log = _quiet) -> DemoModels:
     """The paper's MLP on digits from one seeded initialization, trained three ways.
 
     Dense (AdamW 3e-4, wd 1e-2, cosine); the paper's recipe, MoMos during training with a refresh after every
     epoch at `capacity`; and the recommended path, `momos.compress` of the dense MLP at `bits_per_weight` (k-means
     motifs of the weight matrices) with `finetune_epochs` of motif fine-tuning on the training labels.
     """
-    config = MoMosConfig(block_size=block_size, capacity=capacity, seed=seed)
-    recommended = MoMosConfig(block_size=block_size, bits_per_weight=bits_per_weight, motif_init="kmeans", seed=seed)
+    config = MoMosConfig.paper(block_size=block_size, capacity=capacity, seed=seed)
+    recommended = MoMosConfig(block_size=block_size, bits_per_weight=bits_per_weight, seed=seed)
     data = digits(seed=seed)
     torch.manual_seed(seed)
     initial = build("mlp", data.input_shape, data.num_classes)
@@ -164,8 +165,10 @@ def train_demo_models(*, epochs: int, seed: int = 0, block_size: int = 4, capaci
     log(f"the recommended path: compressing the dense MLP to {bits_per_weight} bits per weight, then "
         f"{finetune_epochs} epochs of motif fine-tuning")
     packed = compress(dense, recommended)
-    accuracy = [evaluate(packed, data.x_test, data.y_test)]
     batches = [(data.x_train[b], data.y_train[b]) for b in split_batches(torch.arange(len(data.x_train)), 64)]
+    if calibrated:
+        calibrate(packed, dense, [x for x, _ in batches])
+    accuracy = [evaluate(packed, data.x_test, data.y_test)]
     finetune(packed, batches, loss=nn.functional.cross_entropy, epochs=finetune_epochs, lr=FINETUNE_LR, seed=seed,
              progress=progress, on_epoch=lambda *_: accuracy.append(evaluate(packed, data.x_test, data.y_test)))
     return DemoModels(data, initial, dense, dense_history, convert(prepared), paper_history, packed.eval(), accuracy)
@@ -294,7 +297,7 @@ def sweep(model: str, data: Dataset, *, block_sizes: Sequence[int], capacities: 
         raise MoMosConfigError(f"seeds must be an integer >= 1, got {seeds!r}")
     if not block_sizes or not capacities:
         raise MoMosConfigError("give at least one block size and one capacity")
-    configs = [(s, c, MoMosConfig(block_size=s, capacity=c)) for s in block_sizes for c in capacities]
+    configs = [(s, c, MoMosConfig.paper(block_size=s, capacity=c)) for s in block_sizes for c in capacities]
     build(model, data.input_shape, data.num_classes)  # fail on a model/data mismatch before training
     rows: list[dict[str, Any]] = []
     total = seeds * (1 + len(configs))

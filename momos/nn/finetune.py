@@ -118,7 +118,7 @@ def finetune(model: nn.Module, batches: Iterable[Any], *, teacher: nn.Module | N
                 if on_epoch is not None:
                     on_epoch(len(epoch_losses), epoch_losses[-1])
             if recalibrate:
-                recalibrate_batchnorm(model, (_inputs(b, labelled=loss is not None) for b in batches))
+                recalibrate_batchnorm(model, (inputs_of(b, labelled=loss is not None) for b in batches))
     finally:
         bar.close()
         freeze_motifs(model)
@@ -194,7 +194,8 @@ def _distillation(teacher: nn.Module, kind: str) -> Callable[[nn.Module, Any], t
     return objective
 
 
-def _inputs(batch: Any, *, labelled: bool) -> Any:
+def inputs_of(batch: Any, *, labelled: bool) -> Any:
+    """A batch's model inputs: its first element when it is labelled ``(inputs, target)``, else itself."""
     return batch[0] if labelled else batch
 
 

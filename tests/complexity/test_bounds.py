@@ -162,7 +162,8 @@ def test_prop_3_6_refreshed_weights_lie_in_their_mosaics_subspace(shape: tuple[i
                                                                  seed: int) -> None:
     """Prop 3.6: a refreshed tensor lies in V_M for its mosaic M, whose dimension (the rank of A_M's free
     columns) is the number of distinct (motif, offset) pairs read, i.e. s * distinct free labels when s | n."""
-    config = momos.MoMosConfig(block_size=block_size, num_motifs=num_motifs, force_zero=force_zero, seed=seed)
+    config = momos.MoMosConfig(block_size=block_size, num_motifs=num_motifs, force_zero=force_zero, seed=seed,
+                               targets="all")
     assume(config.num_motifs_for(num_blocks(math.prod(shape), block_size)) > force_zero)  # else left dense
     model = momos.prepare(Holder(shape, seed), config)
     momos.refresh(model)

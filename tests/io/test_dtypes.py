@@ -85,7 +85,7 @@ def test_a_float64_model_at_capacity_1_without_the_zero_motif_is_lossless(tmp_pa
     model = nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 5)).double()  # 7 * 13: a padded last block
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     prepared = momos.prepare(model, momos.MoMosConfig(block_size=4, capacity=1.0, force_zero=False,
-                                                      motif_dtype="float64"))
+                                                      motif_dtype="float64", targets="all"))
     stats = momos.refresh(prepared)
     assert stats.distortion == 0.0 and stats.weights_changed == 0
     assert all(torch.equal(p, weights[k.replace(".parametrizations", "").replace(".original", "")])

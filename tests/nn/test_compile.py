@@ -13,9 +13,9 @@ import momos
 def _pair(mode: str) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     model = momos.prepare(nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)),
-                          momos.MoMosConfig(block_size=2, capacity=0.25, mode=mode))
+                          momos.MoMosConfig(block_size=2, capacity=0.25, mode=mode, targets="all"))
     return model, momos.prepare(nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)),
-                                momos.MoMosConfig(block_size=2, capacity=0.25, mode=mode))
+                                momos.MoMosConfig(block_size=2, capacity=0.25, mode=mode, targets="all"))
 
 
 def _forward_backward(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -8,7 +8,7 @@ from momos import MoMosConfig, MoMosConfigError
 
 def test_refresh_every_n_optimizer_steps_and_remove():
     torch.manual_seed(0)
-    model = momos.prepare(nn.Sequential(nn.Linear(6, 4)), MoMosConfig(capacity=0.3))
+    model = momos.prepare(nn.Sequential(nn.Linear(6, 4)), MoMosConfig(capacity=0.3, targets="all"))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     hook = momos.refresh_every(model, opt, steps=3)
     bank = model[0].parametrizations.weight[0].bank

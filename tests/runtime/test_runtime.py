@@ -28,7 +28,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module,
     """(ONNX path, packed model, an input batch) of a small MLP with a global bank."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 3))
-    prepared = momos.prepare(model, momos.MoMosConfig(block_size=4, capacity=0.2))
+    prepared = momos.prepare(model, momos.MoMosConfig(block_size=4, capacity=0.2, targets="all"))
     momos.refresh(prepared)
     packed = momos.convert(prepared).eval()
     path = tmp_path_factory.mktemp("runtime") / "mlp.onnx"

@@ -1,0 +1,253 @@
+"""Calibrated assignment: choose each block's motif by the error it causes in the layer's outputs, not in its weights.
+
+For a Linear layer ``y = x W^T``, the output error of a decoded weight Ŵ over calibration inputs X is
+``||X (W - Ŵ)^T||^2 = tr((W - Ŵ) H (W - Ŵ)^T)`` with ``H = X^T X``. As GPTQ does for rounding (and GPTVQ for
+vectors), the blocks are assigned a column block at a time, left to right; after each choice the weights not
+yet assigned absorb its error in the way that minimises that output error (an update through the Cholesky
+factor of ``H^-1``), and each choice itself minimises the error it adds in the metric ``H^-1`` induces on the
+block. The motif tables stay as they are: only the mosaics change, so a calibrated model packs, saves and
+exports like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from momos.errors import MoMosConfigError, MoMosStateError
+from momos.nn.finetune import _call, _output
+from momos.nn.packed import PackedTensor, members, tied_tensors
+
+__all__ = ["CalibrationStats", "calibrate", "calibrated_mosaic", "input_hessians"]
+
+# Column blocks whose error updates are collected before they are applied to the rest of the matrix.
+_LAZY_COLUMNS = 128
+# Rows compared against the whole motif table at once (bounds the (rows, k) distance matrix).
+_ROW_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    """What `calibrate` did: per tensor, the output error ``tr(E H E^T) / tr(W H W^T)`` of nearest-motif and of
+    calibrated assignment (E = W - Ŵ) over the calibration inputs, and the tensors it left as they were, with why."""
+
+    before: dict[str, float]
+    after: dict[str, float]
+    skipped: dict[str, str]
+
+
+def input_hessians(model: nn.Module, inputs: Iterable[Any], layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+    """``H = X^T X / n`` (float64) of the inputs X each Linear in `layers` sees while `model` runs on `inputs`.
+
+    Every leading dimension of a layer's input counts as one row of X (batch, tokens, ...). A layer whose
+    forward never ran (a module whose weight its parent reads directly, as `nn.MultiheadAttention` does with
+    ``out_proj``) is left out of the result.
+    """
+    sums = {name: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64)
+            for name, layer in layers.items()}
+    counts = dict.fromkeys(layers, 0)
+
+    def hook(name: str):
+        def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            sums[name] = sums[name].to(x.device).addmm_(x.T, x)
+            counts[name] += x.shape[0]
+        return record
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    was_training = model.training
+    seen = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in inputs:
+                _call(model, batch)
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if seen == 0:
+        raise MoMosConfigError("no calibration batch: give at least one batch of inputs")
+    return {name: sums[name] / counts[name] for name in layers if counts[name]}
+
+
+def calibrated_mosaic(weight: torch.Tensor, motifs: torch.Tensor, hessian: torch.Tensor, *,
+                      damping: float = 0.01, force_zero: bool = False) -> torch.Tensor:
+    """The mosaic of a Linear weight ``(out, in)`` under `motifs` ``(k, s)`` that keeps ``tr(E H E^T)`` small.
+
+    Blocks must lie along the rows (``in % s == 0``). `damping` adds that fraction of the mean diagonal of H to
+    its diagonal (inputs never seen get 1), as GPTQ does, so that H is invertible and no direction is trusted
+    beyond what the data shows. `force_zero` only says the bank's motif 0 is the zero motif (it is chosen like
+    any other). Returns the int64 mosaic of ``weight.reshape(-1)`` cut into blocks.
+    """
+    out_features, in_features = weight.shape
+    s = motifs.shape[1]
+    if in_features % s:
+        raise MoMosStateError(f"calibrated assignment needs blocks along rows: in_features={in_features} is not a "
+                              f"multiple of block_size={s}")
+    h = hessian.to(torch.float64).clone()
+    dead = torch.diagonal(h) <= 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(damping * float(torch.diagonal(h).mean()))
+    # U: upper Cholesky factor of H^-1. Row i of U, from column i on, carries column i's error to the columns
+    # after it; its diagonal blocks give the metric in which a block's own error counts.
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    work = weight.detach().to(torch.float64).clone()
+    table = motifs.detach().to(torch.float64)
+    mosaic = torch.empty(out_features, in_features // s, dtype=torch.int64)
+    for start in range(0, in_features, _LAZY_COLUMNS):
+        stop = min(start + _LAZY_COLUMNS, in_features)
+        errors = torch.empty(out_features, stop - start, dtype=torch.float64)
+        for j in range(start, stop, s):
+            inverse = torch.linalg.inv(u[j:j + s, j:j + s])
+            blocks = work[:, j:j + s]
+            mosaic[:, j // s] = _nearest_in_metric(blocks @ inverse, table @ inverse)
+            error = (blocks - table[mosaic[:, j // s]]) @ inverse
+            errors[:, j - start:j - start + s] = error
+            work[:, j + s:stop] -= error @ u[j:j + s, j + s:stop]
+        work[:, stop:] -= errors @ u[start:stop, stop:]
+    return mosaic.reshape(-1)
+
+
+def _nearest_in_metric(blocks: torch.Tensor, motifs: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest row of `motifs` for each row of `blocks` (squared distance, via one matmul)."""
+    norms = (motifs * motifs).sum(1)
+    return torch.cat([(norms - 2 * chunk @ motifs.T).argmin(1) for chunk in blocks.split(_ROW_CHUNK)])
+
+
+def output_error(weight: torch.Tensor, decoded: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(E H E^T) / tr(W H W^T)``: the output error of `decoded` over the calibration inputs, relative."""
+    w, e = weight.to(torch.float64), (weight - decoded).to(torch.float64)
+    return float(((e @ hessian) * e).sum() / ((w @ hessian) * w).sum().clamp_min(1e-300))
+
+
+def calibrate(packed: nn.Module, dense: nn.Module, inputs: Iterable[Any], *, damping: float = 0.01,
+              check_batches: int | None = 4, exclude: Iterable[str] = ()) -> CalibrationStats:
+    """Re-assign the mosaics of the packed Linear weights of `packed`, in place, by output error on `inputs`.
+
+    Each Linear weight of `packed` (packed from the same-named parameter of `dense`) is offered the mosaic that
+    `calibrated_mosaic` picks for `dense`'s weight under the same motif table, with H from the inputs the layer
+    sees in `dense`. The offer is taken, layer by layer in module order, only where it lowers the layer's output
+    error on those inputs and, with `check_batches`, also the mean squared distance of the whole model's output
+    to `dense`'s on the first `check_batches` batches. The second test matters: a layer's output error counts
+    every token alike, and in a transformer a few tokens with very large activations can dominate H while the
+    LayerNorm after the layer makes their errors matter little (BERT's feed-forward output layers are such).
+    A tensor is left as it is when it is not a Linear weight, is tied to another name, or has rows not cut into
+    whole blocks.
+
+    Args:
+        packed: a converted model (`momos.convert`, `momos.compress`).
+        dense: the model it was converted from, with its dense weights.
+        inputs: a re-iterable collection of model inputs (a tensor, tuple or mapping per batch), as
+            `momos.finetune` takes them.
+        damping: fraction of H's mean diagonal added to its diagonal (see `calibrated_mosaic`).
+        check_batches: how many batches the whole-model test runs on (None: no whole-model test).
+        exclude: tensor names to leave with their nearest-motif mosaic.
+
+    Returns:
+        `CalibrationStats`.
+
+    Raises:
+        MoMosConfigError: no input batch, a bad `damping` or `check_batches`.
+        MoMosStateError: `packed` holds no packed tensor.
+    """
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 <= damping < float("inf"):
+        raise MoMosConfigError(f"damping must be a finite number >= 0, got {damping!r}")
+    if check_batches is not None and (isinstance(check_batches, bool) or not isinstance(check_batches, int)
+                                      or check_batches < 1):
+        raise MoMosConfigError(f"check_batches must be an integer >= 1 or None, got {check_batches!r}")
+    layers, skipped = _eligible(packed, dense, set(exclude))
+    hessians = input_hessians(dense, inputs, {name: owner for name, (owner, _) in layers.items()})
+    model_error = None
+    if check_batches is not None:
+        model_error = _ModelError(packed, dense, list(itertools.islice(inputs, check_batches)))
+    before, after = {}, {}
+    for name, (owner, tensor) in layers.items():
+        if name not in hessians:
+            skipped[name] = "its layer's forward never ran on the calibration inputs"
+            continue
+        weight, h = owner.weight.detach(), hessians[name].to(owner.weight.device)
+        motifs = tensor.table.motifs.detach()
+        mosaic = calibrated_mosaic(weight.cpu(), motifs.cpu(), h.cpu(), damping=damping).to(tensor.mosaic.device)
+        new = nn.functional.embedding(mosaic, motifs.to(weight.dtype)).reshape(weight.shape)
+        before[name] = after[name] = output_error(weight, tensor().detach(), h)
+        if output_error(weight, new, h) >= before[name]:
+            skipped[name] = "calibrated assignment did not lower the layer's output error"
+            continue
+        old = tensor.mosaic.clone()
+        tensor.mosaic.copy_(mosaic.to(tensor.mosaic.dtype))
+        if model_error is not None and not model_error.improved():
+            tensor.mosaic.copy_(old)
+            skipped[name] = "calibrated assignment did not lower the model's output error"
+            continue
+        after[name] = output_error(weight, new, h)
+    return CalibrationStats(before, after, skipped)
+
+
+class _ModelError:
+    """The mean squared distance of `packed`'s outputs to `dense`'s on fixed batches; whether a change lowered it."""
+
+    def __init__(self, packed: nn.Module, dense: nn.Module, batches: list[Any]) -> None:
+        if not batches:
+            raise MoMosConfigError("no calibration batch: give at least one batch of inputs")
+        self.packed, self.batches = packed, batches
+        with torch.no_grad(), _eval(dense):
+            self.targets = [_output(_call(dense, batch)).detach() for batch in batches]
+        self.best = self.measure()
+
+    def measure(self) -> float:
+        with torch.no_grad(), _eval(self.packed):
+            return sum(float(nn.functional.mse_loss(_output(_call(self.packed, batch)), target))
+                       for batch, target in zip(self.batches, self.targets, strict=True)) / len(self.batches)
+
+    def improved(self) -> bool:
+        value = self.measure()
+        if value < self.best:
+            self.best = value
+            return True
+        return False
+
+
+@contextlib.contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _eligible(packed: nn.Module, dense: nn.Module,
+              excluded: set[str]) -> tuple[dict[str, tuple[nn.Linear, PackedTensor]], dict[str, str]]:
+    """The packed Linear weights `calibrate` can re-assign, each with its dense layer; and the rest, with why."""
+    tied = tied_tensors(packed)
+    tied_names = set(tied) | set(tied.values())
+    dense_modules = dict(dense.named_modules())
+    layers: dict[str, tuple[nn.Linear, PackedTensor]] = {}
+    skipped: dict[str, str] = {}
+    for module_name, module in packed.named_modules():
+        for tensor_name, tensor in members(module).items():
+            name = f"{module_name}.{tensor_name}" if module_name else tensor_name
+            owner = dense_modules.get(module_name)
+            if name in tied_names:
+                skipped[name] = "tied to another name"
+            elif name in excluded:
+                skipped[name] = "excluded"
+            elif tensor_name != "weight" or not isinstance(module, nn.Linear) or not isinstance(owner, nn.Linear) \
+                    or owner.weight.shape != tensor.shape:
+                skipped[name] = "not a Linear weight of the dense model"
+            elif module.in_features % tensor.table.block_size:
+                skipped[name] = f"in_features={module.in_features} is not a multiple of the block size"
+            else:
+                layers[name] = (owner, tensor)
+    if not layers and not skipped:
+        raise MoMosStateError("model has no packed MoMos tensor: calibrate a converted model")
+    return layers, skipped

@@ -1,0 +1,197 @@
+"""`momos.calibrate`: each block's motif chosen by the output error it causes, never making the model worse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SMALL_MODELS
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import momos
+from momos import MoMosConfig, MoMosConfigError, MoMosStateError
+from momos.nn.calibrate import calibrated_mosaic, input_hessians, output_error
+from momos.nn.packed import packed_tensors
+from momos.search import nearest
+
+
+def _correlated_inputs(n: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """Inputs whose features are strongly correlated (a random mixing of a few latent factors plus noise)."""
+    factors = torch.randn(n, max(2, dim // 4), generator=generator, dtype=torch.float64)
+    mixing = torch.randn(factors.shape[1], dim, generator=generator, dtype=torch.float64)
+    return factors @ mixing + 0.1 * torch.randn(n, dim, generator=generator, dtype=torch.float64)
+
+
+def _reference_mosaic(weight: torch.Tensor, motifs: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The sequential rule written out directly, without Cholesky factors or lazy batches.
+
+    Going left to right, with the errors E of the blocks already chosen fixed, the columns R not yet chosen
+    would best move to ``W_R + E H_(done,R) H_RR^-1`` (the error-minimising continuous update); block j then
+    takes the motif nearest that target in the metric ``((H_RR^-1)_jj)^-1``, the loss it adds once the
+    columns after it follow optimally.
+    """
+    out_features, in_features = weight.shape
+    s = motifs.shape[1]
+    mosaic = torch.empty(out_features, in_features // s, dtype=torch.int64)
+    errors = torch.zeros(out_features, 0, dtype=torch.float64)
+    for j in range(0, in_features, s):
+        rest = slice(j, in_features)
+        h_rr = h[rest, rest]
+        target = weight[:, rest] + errors @ h[:j, rest] @ torch.linalg.inv(h_rr)
+        metric = torch.linalg.inv(torch.linalg.inv(h_rr)[:s, :s])
+        diff = target[:, None, :s] - motifs[None]  # (out, k, s)
+        cost = torch.einsum("oki,ij,okj->ok", diff, metric, diff)
+        mosaic[:, j // s] = cost.argmin(1)
+        errors = torch.cat([errors, weight[:, j:j + s] - motifs[mosaic[:, j // s]]], dim=1)
+    return mosaic.reshape(-1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), out_features=st.integers(1, 6), blocks=st.integers(1, 6),
+       s=st.sampled_from([1, 2, 4]), k=st.integers(1, 9))
+def test_calibrated_mosaic_is_the_sequential_rule(seed, out_features, blocks, s, k):
+    g = torch.Generator().manual_seed(seed)
+    in_features = blocks * s
+    weight = torch.randn(out_features, in_features, generator=g, dtype=torch.float64)
+    motifs = torch.randn(k, s, generator=g, dtype=torch.float64)
+    x = _correlated_inputs(4 * in_features, in_features, g)
+    h = x.T @ x / x.shape[0]
+    damped = h + 0.01 * torch.diagonal(h).mean() * torch.eye(in_features, dtype=torch.float64)
+    got = calibrated_mosaic(weight, motifs, h, damping=0.01)
+    assert torch.equal(got, _reference_mosaic(weight, motifs, damped))
+
+
+def test_lazy_batches_match_the_rule_across_their_borders():
+    """More columns than one lazy batch (128): the deferred updates reach every later column."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(3, 264, generator=g, dtype=torch.float64)
+    motifs = torch.randn(16, 4, generator=g, dtype=torch.float64)
+    x = _correlated_inputs(600, 264, g)
+    h = x.T @ x / x.shape[0]
+    damped = h + 0.01 * torch.diagonal(h).mean() * torch.eye(264, dtype=torch.float64)
+    assert torch.equal(calibrated_mosaic(weight, motifs, h), _reference_mosaic(weight, motifs, damped))
+
+
+def test_uncorrelated_inputs_of_equal_scale_give_nearest_motifs():
+    """H a multiple of the identity: no block's error can be made up by another, so each takes its nearest motif."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(20, 16, generator=g)
+    motifs = torch.randn(8, 4, generator=g)
+    got = calibrated_mosaic(weight, motifs, 3.0 * torch.eye(16, dtype=torch.float64))
+    assert torch.equal(got, nearest(weight.reshape(-1, 4), motifs))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_calibrated_assignment_lowers_the_output_error(seed):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(32, 64, generator=g, dtype=torch.float64)
+    motifs = torch.randn(32, 4, generator=g, dtype=torch.float64)
+    x = _correlated_inputs(512, 64, g)
+    h = x.T @ x / x.shape[0]
+    calibrated = motifs[calibrated_mosaic(weight, motifs, h)].reshape(weight.shape)
+    closest = motifs[nearest(weight.reshape(-1, 4), motifs)].reshape(weight.shape)
+    assert output_error(weight, calibrated, h) < 0.8 * output_error(weight, closest, h)
+    # the error is the one the inputs see
+    direct = ((x @ (weight - calibrated).T) ** 2).sum() / ((x @ weight.T) ** 2).sum()
+    assert output_error(weight, calibrated, h) == pytest.approx(float(direct), rel=1e-9)
+
+
+def test_blocks_must_lie_along_rows():
+    with pytest.raises(MoMosStateError, match="in_features=6"):
+        calibrated_mosaic(torch.randn(2, 6), torch.randn(3, 4), torch.eye(6, dtype=torch.float64))
+
+
+def test_input_hessians_average_over_every_leading_dimension():
+    layer = nn.Linear(3, 2)
+    model = nn.Sequential(layer)
+    x = torch.randn(2, 5, 3)
+    h = input_hessians(model, [x[:1], x[1:]], {"0": layer})["0"]
+    flat = x.reshape(-1, 3).double()
+    torch.testing.assert_close(h, flat.T @ flat / 10)
+
+
+def _task(name: str, n: int = 96):
+    torch.manual_seed(0)
+    factory, make_input = SMALL_MODELS[name]
+    dense = factory().eval()
+    inputs = [make_input(32) for _ in range(n // 32)]
+    return dense, inputs
+
+
+def _model_error(packed: nn.Module, dense: nn.Module, inputs: list) -> float:
+    with torch.no_grad():
+        return sum(float(nn.functional.mse_loss(packed(x), dense(x))) for x in inputs) / len(inputs)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_MODELS))
+def test_calibrate_never_raises_the_model_error_and_says_what_it_left(name):
+    dense, inputs = _task(name)
+    packed = momos.compress(dense, MoMosConfig(block_size=4, num_motifs=16))
+    before = _model_error(packed, dense, inputs[:4])
+    mosaics = {n: t.mosaic.clone() for n, t in packed_tensors(packed)}
+    stats = momos.calibrate(packed, dense, inputs)
+    assert _model_error(packed, dense, inputs[:4]) <= before
+    names = dict(packed_tensors(packed))
+    assert set(stats.before) | set(stats.skipped) == set(names)
+    for n, t in names.items():
+        changed = not torch.equal(t.mosaic, mosaics[n])
+        assert changed == (n in stats.before and n not in stats.skipped)
+        if changed:
+            assert stats.after[n] < stats.before[n]
+    if name == "cnn":
+        assert stats.skipped["conv1.weight"] == "not a Linear weight of the dense model"
+    if name == "transformer":
+        assert stats.skipped["embedding.weight"] == "not a Linear weight of the dense model"
+        # nn.MultiheadAttention reads out_proj.weight itself: that Linear's forward never runs
+        assert "never ran" in stats.skipped["encoder.self_attn.out_proj.weight"]
+
+
+def test_calibrate_lowers_the_mlp_error_and_the_result_saves_and_exports(tmp_path):
+    dense, inputs = _task("mlp", 256)
+    packed = momos.compress(dense, MoMosConfig(block_size=4, num_motifs=8))
+    before = _model_error(packed, dense, inputs)
+    stats = momos.calibrate(packed, dense, inputs)
+    assert not {n for n, why in stats.skipped.items() if "Linear" not in why}
+    assert _model_error(packed, dense, inputs) < 0.8 * before
+    momos.save(packed, tmp_path / "m.momos")
+    loaded = momos.load(tmp_path / "m.momos", SMALL_MODELS["mlp"][0]())
+    x = inputs[0]
+    torch.testing.assert_close(loaded(x), packed(x), rtol=0, atol=0)
+
+
+def test_compress_with_data_calibrates_then_finetunes():
+    dense, inputs = _task("mlp")
+    config = MoMosConfig(block_size=4, num_motifs=16)
+    got = momos.compress(dense, config, inputs, epochs=1, progress=False)
+    want = momos.compress(dense, config)
+    momos.calibrate(want, dense, inputs)
+    momos.finetune(want, inputs, teacher=dense, epochs=1, progress=False)
+    for (name, a), (_, b) in zip(packed_tensors(got), packed_tensors(want), strict=True):
+        assert torch.equal(a.mosaic, b.mosaic), name
+        assert torch.equal(a.table.motifs, b.table.motifs), name
+    plain = momos.compress(dense, config, inputs, epochs=1, progress=False, calibrate=False)
+    assert any(not torch.equal(a.mosaic, b.mosaic) for (_, a), (_, b) in
+               zip(packed_tensors(got), packed_tensors(plain), strict=True))
+
+
+def test_calibrate_refuses_bad_arguments():
+    dense, inputs = _task("mlp")
+    packed = momos.compress(dense, MoMosConfig(block_size=4, num_motifs=16))
+    with pytest.raises(MoMosConfigError, match="damping"):
+        momos.calibrate(packed, dense, inputs, damping=-1.0)
+    with pytest.raises(MoMosConfigError, match="check_batches"):
+        momos.calibrate(packed, dense, inputs, check_batches=0)
+    with pytest.raises(MoMosConfigError, match="no calibration batch"):
+        momos.calibrate(packed, dense, [])
+    with pytest.raises(MoMosStateError, match="no packed"):
+        momos.calibrate(dense, dense, inputs)
+
+
+def test_excluded_tensors_keep_their_mosaic():
+    dense, inputs = _task("mlp")
+    packed = momos.compress(dense, MoMosConfig(block_size=4, num_motifs=16))
+    first = dict(packed_tensors(packed))["1.weight"].mosaic.clone()
+    stats = momos.calibrate(packed, dense, inputs, exclude=["1.weight"])
+    assert stats.skipped["1.weight"] == "excluded"
+    assert torch.equal(dict(packed_tensors(packed))["1.weight"].mosaic, first)
