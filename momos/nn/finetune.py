@@ -121,10 +121,12 @@ def finetune(model: nn.Module, batches: Iterable[Any], *, teacher: nn.Module | N
                 recalibrate_batchnorm(model, (inputs_of(b, labelled=loss is not None) for b in batches))
     finally:
         bar.close()
+        # The mode first: some models (transformers') read a parameter's device in train(), and a model whose every
+        # parameter is packed has none once its motif tables are buffers again.
+        model.train(was_training)
         freeze_motifs(model)
         for p in model.parameters():
             p.requires_grad_(flags.get(id(p), p.requires_grad))
-        model.train(was_training)
         if teacher is not None:
             teacher.train(teacher_training)
     trained = sum(p.numel() for p in params)

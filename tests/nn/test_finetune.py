@@ -132,3 +132,20 @@ def test_compress_selects_weight_matrices_meets_the_size_and_distills_by_default
     tied = nn.Sequential(nn.Embedding(40, 16), nn.Linear(16, 40, bias=False))
     tied[1].weight = tied[0].weight
     assert [t.name for t in momos.report(momos.compress(tied)).tensors] == ["0.weight"]
+
+
+class _ReadsAParameterInTrain(nn.Sequential):
+    """Like transformers' models, whose train() reads a parameter's device (and fails on a model without one)."""
+
+    def train(self, mode: bool = True) -> nn.Module:
+        next(self.parameters())
+        return super().train(mode)
+
+
+def test_finetune_of_a_model_packed_whole_restores_its_mode_while_it_still_has_parameters():
+    torch.manual_seed(0)
+    dense = _ReadsAParameterInTrain(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    packed = momos.compress(dense, MoMosConfig(block_size=4, num_motifs=8, targets="all"))
+    assert not list(packed.parameters())
+    stats = momos.finetune(packed, [torch.randn(16, 8) for _ in range(2)], teacher=dense, progress=False)
+    assert stats.steps == 2 and not packed.training and not list(packed.parameters())
