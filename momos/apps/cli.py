@@ -348,13 +348,17 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
     packed = momos.compress(model, config)
     tune = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "progress": console.progress}
     if labelled is not None:
-        batches = [(labelled.x_train[b], labelled.y_train[b])
-                   for b in split_batches(torch.arange(len(labelled.x_train)), 64)]
+        order = torch.randperm(len(labelled.x_train), generator=torch.Generator().manual_seed(args.seed))
+        held_out = len(order) // 5
+        batches = [(labelled.x_train[b], labelled.y_train[b]) for b in split_batches(order[held_out:], 64)]
+        validation = [(labelled.x_train[b], labelled.y_train[b]) for b in split_batches(order[:held_out], 64)]
         console.log("re-assigning the Linear weights' blocks by their output error on the training inputs")
-        momos.calibrate(packed, model, [x for x, _ in batches])
+        momos.calibrate(packed, model, [x for x, _ in batches + validation])
         accuracy["momos_before_finetune"] = evaluate(packed, labelled.x_test, labelled.y_test)
-        console.log(f"fine-tuning the motif tables for {args.epochs} epochs on labelled data")
-        momos.finetune(packed, batches, loss=torch.nn.functional.cross_entropy, **tune)
+        console.log(f"fine-tuning the motif tables for up to {args.epochs} epochs on labelled data, keeping the "
+                    "epoch with the lowest loss on a fifth of the training data")
+        momos.finetune(packed, batches or validation, loss=torch.nn.functional.cross_entropy,
+                       validation=validation or None, **tune)
         accuracy["momos"] = evaluate(packed, labelled.x_test, labelled.y_test)
     elif args.calibrate:
         batches = [inputs[b] for b in split_batches(torch.arange(len(inputs)), 64)]

@@ -96,8 +96,8 @@ class DemoResult:
             (f"test accuracy, MoMos paper's recipe (c={s['capacity']})",
              f"{a['momos_paper']:.2%}  ({c['paper_bits_per_weight']:.3f} bits per weight, trained with MoMos)"),
             (f"test accuracy, MoMos recommended ({s['bits_per_weight']:g} bits)",
-             f"{a['momos_torch']:.2%}  (projection of the dense MLP: {a['momos_one_shot']:.2%}; after "
-             f"{s['finetune_epochs']} epochs of motif fine-tuning: {a['momos_torch']:.2%})"),
+             f"{a['momos_torch']:.2%}  (calibrated projection of the dense MLP: {a['momos_one_shot']:.2%}; motif "
+             f"fine-tuning kept epoch {s['finetune_kept_epoch']} of {s['finetune_epochs']} by validation loss)"),
             ("test accuracy, MoMos recommended (onnxruntime)",
              f"{a['momos_onnxruntime']:.2%}  ({self.agreement['predictions_agree']}/"
              f"{self.agreement['test_samples']} predictions agree, max |logit diff| "
@@ -137,6 +137,7 @@ class DemoModels:
     paper_history: History
     packed: nn.Module
     recommended_accuracy: list[float]  # test accuracy after the projection, then after each fine-tuning epoch
+    kept_epoch: int  # the fine-tuning epoch whose motifs were kept (lowest validation loss; 0: the projection)
 
 
 def train_demo_models(*, epochs: int, seed: int = 0, block_size: int = 4, capacity: float = 0.05,
@@ -146,7 +147,9 @@ def train_demo_models(*, epochs: int, seed: int = 0, block_size: int = 4, capaci
 
     Dense (AdamW 3e-4, wd 1e-2, cosine); the paper's recipe, MoMos during training with a refresh after every
     epoch at `capacity`; and the recommended path, `momos.compress` of the dense MLP at `bits_per_weight` (k-means
-    motifs of the weight matrices) with `finetune_epochs` of motif fine-tuning on the training labels.
+    motifs of the weight matrices), `momos.calibrate` on the training inputs (with `calibrated`), and up to
+    `finetune_epochs` of motif fine-tuning on 80% of the training labels, keeping the epoch with the lowest loss
+    on the other 20% (the test set is never used to choose).
     """
     config = MoMosConfig.paper(block_size=block_size, capacity=capacity, seed=seed)
     recommended = MoMosConfig(block_size=block_size, bits_per_weight=bits_per_weight, seed=seed)
@@ -165,13 +168,18 @@ def train_demo_models(*, epochs: int, seed: int = 0, block_size: int = 4, capaci
     log(f"the recommended path: compressing the dense MLP to {bits_per_weight} bits per weight, then "
         f"{finetune_epochs} epochs of motif fine-tuning")
     packed = compress(dense, recommended)
-    batches = [(data.x_train[b], data.y_train[b]) for b in split_batches(torch.arange(len(data.x_train)), 64)]
+    order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
+    held_out = len(order) // 5
+    batches = [(data.x_train[b], data.y_train[b]) for b in split_batches(order[held_out:], 64)]
+    validation = [(data.x_train[b], data.y_train[b]) for b in split_batches(order[:held_out], 64)]
     if calibrated:
-        calibrate(packed, dense, [x for x, _ in batches])
+        calibrate(packed, dense, [x for x, _ in batches + validation])
     accuracy = [evaluate(packed, data.x_test, data.y_test)]
-    finetune(packed, batches, loss=nn.functional.cross_entropy, epochs=finetune_epochs, lr=FINETUNE_LR, seed=seed,
-             progress=progress, on_epoch=lambda *_: accuracy.append(evaluate(packed, data.x_test, data.y_test)))
-    return DemoModels(data, initial, dense, dense_history, convert(prepared), paper_history, packed.eval(), accuracy)
+    stats = finetune(packed, batches, loss=nn.functional.cross_entropy, epochs=finetune_epochs, lr=FINETUNE_LR,
+                     seed=seed, progress=progress, validation=validation,
+                     on_epoch=lambda *_: accuracy.append(evaluate(packed, data.x_test, data.y_test)))
+    return DemoModels(data, initial, dense, dense_history, convert(prepared), paper_history, packed.eval(), accuracy,
+                      stats.best_epoch)
 
 
 def demo(out: str | os.PathLike, *, epochs: int, seed: int = 0, block_size: int = 4,
@@ -222,6 +230,7 @@ def demo(out: str | os.PathLike, *, epochs: int, seed: int = 0, block_size: int 
     result = DemoResult(
         settings={"model": "mlp", "data": "digits", "epochs": epochs, "seed": seed, "block_size": block_size,
                   "capacity": capacity, "bits_per_weight": bits_per_weight, "finetune_epochs": FINETUNE_EPOCHS,
+                  "finetune_kept_epoch": trained.kept_epoch,
                   "train_samples": len(data.x_train), "test_samples": len(data.x_test)},
         accuracy={"dense": dense_history.final_accuracy, "momos_paper": momos_history.final_accuracy,
                   "momos_one_shot": trained.recommended_accuracy[0],
@@ -249,7 +258,7 @@ def demo(out: str | os.PathLike, *, epochs: int, seed: int = 0, block_size: int 
         "accuracy": str(out / "accuracy.png"), "distortion": str(out / "distortion.png"),
         "motif_usage": str(out / "motif_usage.png"),
     }
-    recommended = f"MoMos recommended ({bits_per_weight:g} bits): projection, motif fine-tuning"
+    recommended = f"MoMos recommended ({bits_per_weight:g} bits): calibrated projection, motif fine-tuning"
     plots.accuracy_per_epoch({"dense": result.history["dense_accuracy"],
                               f"MoMos, paper's recipe (c={capacity})": result.history["momos_accuracy"],
                               recommended: trained.recommended_accuracy},

@@ -28,8 +28,8 @@ __all__ = ["CalibrationStats", "calibrate", "calibrated_mosaic", "input_hessians
 
 # Column blocks whose error updates are collected before they are applied to the rest of the matrix.
 _LAZY_COLUMNS = 128
-# Rows compared against the whole motif table at once (bounds the (rows, k) distance matrix).
-_ROW_CHUNK = 4096
+# Entries of one (rows, k) distance matrix: small enough to stay in cache.
+_DISTANCES = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,9 @@ def calibrated_mosaic(weight: torch.Tensor, motifs: torch.Tensor, hessian: torch
     # U: upper Cholesky factor of H^-1. Row i of U, from column i on, carries column i's error to the columns
     # after it; its diagonal blocks give the metric in which a block's own error counts.
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    # Distances in the weight's own precision (float32 for most models: the search is the costly part); the
+    # factorisation and the error updates in float64.
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     work = weight.detach().to(torch.float64).clone()
     table = motifs.detach().to(torch.float64)
     mosaic = torch.empty(out_features, in_features // s, dtype=torch.int64)
@@ -108,7 +111,7 @@ def calibrated_mosaic(weight: torch.Tensor, motifs: torch.Tensor, hessian: torch
         for j in range(start, stop, s):
             inverse = torch.linalg.inv(u[j:j + s, j:j + s])
             blocks = work[:, j:j + s]
-            mosaic[:, j // s] = _nearest_in_metric(blocks @ inverse, table @ inverse)
+            mosaic[:, j // s] = _nearest_in_metric(blocks @ inverse, table @ inverse, dtype)
             error = (blocks - table[mosaic[:, j // s]]) @ inverse
             errors[:, j - start:j - start + s] = error
             work[:, j + s:stop] -= error @ u[j:j + s, j + s:stop]
@@ -116,10 +119,13 @@ def calibrated_mosaic(weight: torch.Tensor, motifs: torch.Tensor, hessian: torch
     return mosaic.reshape(-1)
 
 
-def _nearest_in_metric(blocks: torch.Tensor, motifs: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest row of `motifs` for each row of `blocks` (squared distance, via one matmul)."""
+def _nearest_in_metric(blocks: torch.Tensor, motifs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Index of the nearest row of `motifs` for each row of `blocks` (squared distance via matmuls in `dtype`, over
+    row chunks whose distance matrix stays near `_DISTANCES` entries)."""
+    blocks, motifs = blocks.to(dtype), motifs.to(dtype)
     norms = (motifs * motifs).sum(1)
-    return torch.cat([(norms - 2 * chunk @ motifs.T).argmin(1) for chunk in blocks.split(_ROW_CHUNK)])
+    rows = max(1, _DISTANCES // motifs.shape[0])
+    return torch.cat([torch.addmm(norms, chunk, motifs.T, alpha=-2).argmin(1) for chunk in blocks.split(rows)])
 
 
 def output_error(weight: torch.Tensor, decoded: torch.Tensor, hessian: torch.Tensor) -> float:

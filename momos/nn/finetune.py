@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,12 +29,15 @@ DISTILL_LOSSES = ("mse", "kl")
 
 @dataclass(frozen=True)
 class FinetuneStats:
-    """What one `finetune` run did: the mean loss of each epoch, the steps and the wall time."""
+    """What one `finetune` run did: the mean loss of each epoch, the steps and the wall time; with validation
+    batches, the validation loss before training and after each epoch, and the epoch whose weights were kept."""
 
     epoch_losses: list[float]
     steps: int
     seconds: float
     trained_values: int
+    validation_losses: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
 
     @property
     def final_loss(self) -> float:
@@ -46,7 +49,8 @@ def finetune(model: nn.Module, batches: Iterable[Any], *, teacher: nn.Module | N
              epochs: int = 1, lr: float = 1e-3, weight_decay: float = 0.0,
              optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None, dense: bool = False,
              recalibrate: bool = True, seed: int = 0, progress: bool = True,
-             on_epoch: Callable[[int, float], None] | None = None) -> FinetuneStats:
+             on_epoch: Callable[[int, float], None] | None = None,
+             validation: Iterable[Any] | None = None) -> FinetuneStats:
     """Train the motif tables of the packed `model` in place (mosaics fixed), then re-estimate BatchNorm statistics.
 
     Args:
@@ -65,6 +69,9 @@ def finetune(model: nn.Module, batches: Iterable[Any], *, teacher: nn.Module | N
         seed: seeds torch's random stream for the run (dropout), so equal inputs give equal results.
         progress: show a progress bar.
         on_epoch: called as ``on_epoch(epoch, mean_loss)`` after each epoch (from 1), e.g. to evaluate.
+        validation: held-out batches, of the same kind as `batches`: the loss on them is measured (in eval mode)
+            before training and after each epoch, and the model keeps the weights of the epoch where it was
+            lowest (0: as it came, if no epoch improved on it).
 
     Returns:
         `FinetuneStats`. The motif tables are buffers again afterwards, and every other parameter keeps its
@@ -80,9 +87,9 @@ def finetune(model: nn.Module, batches: Iterable[Any], *, teacher: nn.Module | N
         raise MoMosConfigError(f"distill must be one of {list(DISTILL_LOSSES)}, got {distill!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise MoMosConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
-    for field, value in (("lr", lr), ("weight_decay", weight_decay)):
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise MoMosConfigError(f"{field} must be a finite number >= 0, got {value!r}")
+            raise MoMosConfigError(f"{name} must be a finite number >= 0, got {value!r}")
 
     flags = {id(p): p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -96,9 +103,14 @@ def finetune(model: nn.Module, batches: Iterable[Any], *, teacher: nn.Module | N
     bar = tqdm(total=None if total is None else epochs * total, desc="momos finetune", disable=not progress,
                leave=False, unit="step")
     start, steps, epoch_losses = time.perf_counter(), 0, []
+    validation_losses: list[float] = []
+    best: tuple[float, int, list[torch.Tensor]] | None = None
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            if validation is not None:
+                validation_losses.append(_validation_loss(model, objective, validation))
+                best = (validation_losses[-1], 0, [p.detach().clone() for p in params])
             model.train()
             for _ in range(epochs):
                 summed, count = 0.0, 0
@@ -115,8 +127,17 @@ def finetune(model: nn.Module, batches: Iterable[Any], *, teacher: nn.Module | N
                     raise MoMosConfigError("batches is empty (or an iterator already used up): give a list or "
                                            "a DataLoader, which can be iterated once per epoch")
                 epoch_losses.append(summed / count)
+                if best is not None:
+                    validation_losses.append(_validation_loss(model, objective, validation))
+                    if validation_losses[-1] < best[0]:
+                        best = (validation_losses[-1], len(epoch_losses), [p.detach().clone() for p in params])
+                    model.train()
                 if on_epoch is not None:
                     on_epoch(len(epoch_losses), epoch_losses[-1])
+            if best is not None:
+                with torch.no_grad():
+                    for param, kept in zip(params, best[2], strict=True):
+                        param.copy_(kept)
             if recalibrate:
                 recalibrate_batchnorm(model, (inputs_of(b, labelled=loss is not None) for b in batches))
     finally:
@@ -130,7 +151,19 @@ def finetune(model: nn.Module, batches: Iterable[Any], *, teacher: nn.Module | N
         if teacher is not None:
             teacher.train(teacher_training)
     trained = sum(p.numel() for p in params)
-    return FinetuneStats(epoch_losses, steps, time.perf_counter() - start, trained)
+    return FinetuneStats(epoch_losses, steps, time.perf_counter() - start, trained, validation_losses,
+                         None if best is None else best[1])
+
+
+def _validation_loss(model: nn.Module, objective: Callable[[nn.Module, Any], torch.Tensor],
+                     batches: Iterable[Any]) -> float:
+    """The mean of `objective` over `batches`, in eval mode and without gradients."""
+    model.eval()
+    with torch.no_grad():
+        values = [float(objective(model, batch)) for batch in batches]
+    if not values:
+        raise MoMosConfigError("validation is empty (or an iterator already used up): give a list or a DataLoader")
+    return sum(values) / len(values)
 
 
 def recalibrate_batchnorm(model: nn.Module, inputs: Iterable[Any]) -> bool:

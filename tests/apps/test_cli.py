@@ -94,7 +94,8 @@ def test_demo_writes_every_file_and_its_table_matches_them(demo_run: tuple) -> N
     for key in ("dense", "momos_paper", "momos_one_shot", "momos_torch"):
         assert f"{accuracy[key]:.2%}" in table
     assert len(summary["history"]["recommended_accuracy"]) == 1 + summary["settings"]["finetune_epochs"]
-    assert summary["history"]["recommended_accuracy"][-1] == accuracy["momos_torch"]
+    kept = summary["settings"]["finetune_kept_epoch"]
+    assert summary["history"]["recommended_accuracy"][kept] == accuracy["momos_torch"]
     assert (summary["settings"]["epochs"], summary["settings"]["seed"]) == (1, 3)
     assert summary["refresh"]["count"] == 1 and len(summary["history"]["distortion"]) == 1
     assert sum(summary["motif_usage"]) == summary["compression"]["num_blocks"]

@@ -149,3 +149,25 @@ def test_finetune_of_a_model_packed_whole_restores_its_mode_while_it_still_has_p
     assert not list(packed.parameters())
     stats = momos.finetune(packed, [torch.randn(16, 8) for _ in range(2)], teacher=dense, progress=False)
     assert stats.steps == 2 and not packed.training and not list(packed.parameters())
+
+
+def test_validation_keeps_the_epoch_with_the_lowest_held_out_loss():
+    model, batches = _task()
+    train, held_out = batches[:6], batches[6:]
+    packed = _packed(model)
+    twin = _packed(model)
+    # A learning rate so high that training ruins the model: epoch 0 (as converted) must be what is kept.
+    stats = momos.finetune(packed, train, loss=nn.functional.cross_entropy, epochs=3, lr=10.0, progress=False,
+                           validation=held_out)
+    assert len(stats.validation_losses) == 4 and stats.best_epoch == 0
+    for (_, a), (_, b) in zip(packed_tensors(packed), packed_tensors(twin), strict=True):
+        assert torch.equal(a.table.motifs, b.table.motifs)
+    # A sane one improves on the held-out loss, and the epoch kept is the one with the lowest.
+    stats = momos.finetune(twin, train, loss=nn.functional.cross_entropy, epochs=3, lr=1e-2, progress=False,
+                           validation=held_out)
+    assert stats.best_epoch == min(range(4), key=stats.validation_losses.__getitem__) > 0
+    with torch.no_grad():
+        kept = sum(float(nn.functional.cross_entropy(twin.eval()(x), y)) for x, y in held_out) / len(held_out)
+    assert kept == pytest.approx(stats.validation_losses[stats.best_epoch], rel=1e-6)
+    with pytest.raises(MoMosConfigError, match="validation is empty"):
+        momos.finetune(twin, train, loss=nn.functional.cross_entropy, progress=False, validation=[])
