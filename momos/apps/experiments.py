@@ -165,8 +165,8 @@ def train_demo_models(*, epochs: int, seed: int = 0, block_size: int = 4, capaci
     prepared = prepare(initial, config)
     paper_history = fit(prepared, data, epochs=epochs, refresh="epoch", optimizer=OPTIMIZERS["mlp"], seed=seed,
                         progress=progress, desc="MoMos")
-    log(f"the recommended path: compressing the dense MLP to {bits_per_weight} bits per weight, then "
-        f"{finetune_epochs} epochs of motif fine-tuning")
+    log(f"the recommended path: compressing the dense MLP to {bits_per_weight} bits per weight, calibrating, then "
+        f"up to {finetune_epochs} epochs of motif fine-tuning")
     packed = compress(dense, recommended)
     order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
     held_out = len(order) // 5
