@@ -1,6 +1,7 @@
 """Calibrated assignment: choose each block's motif by the error it causes in the layer's outputs, not in its weights.
 
-For a Linear layer ``y = x W^T``, the output error of a decoded weight Ŵ over calibration inputs X is
+For a Linear layer ``y = x W^T`` (and a convolution, with x its input patches and W its weight flattened per
+output channel), the output error of a decoded weight Ŵ over calibration inputs X is
 ``||X (W - Ŵ)^T||^2 = tr((W - Ŵ) H (W - Ŵ)^T)`` with ``H = X^T X``. As GPTQ does for rounding (and GPTVQ for
 vectors), the blocks are assigned a column block at a time, left to right; after each choice the weights not
 yet assigned absorb its error in the way that minimises that output error (an update through the Cholesky
@@ -42,20 +43,23 @@ class CalibrationStats:
     skipped: dict[str, str]
 
 
-def input_hessians(model: nn.Module, inputs: Iterable[Any], layers: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
-    """``H = X^T X / n`` (float64) of the inputs X each Linear in `layers` sees while `model` runs on `inputs`.
+Layer = nn.Linear | nn.Conv1d | nn.Conv2d
 
-    Every leading dimension of a layer's input counts as one row of X (batch, tokens, ...). A layer whose
-    forward never ran (a module whose weight its parent reads directly, as `nn.MultiheadAttention` does with
-    ``out_proj``) is left out of the result.
+
+def input_hessians(model: nn.Module, inputs: Iterable[Any], layers: dict[str, Layer]) -> dict[str, torch.Tensor]:
+    """``H = X^T X / n`` (float64) of the inputs X each layer in `layers` sees while `model` runs on `inputs`.
+
+    A Linear layer's rows of X are its inputs over every leading dimension (batch, tokens, ...); a convolution's
+    are its input patches (`patches`), one per output position. A layer whose forward never ran (a module whose
+    weight its parent reads directly, as `nn.MultiheadAttention` does with ``out_proj``) is left out of the result.
     """
-    sums = {name: torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64)
+    sums = {name: torch.zeros(_row_length(layer), _row_length(layer), dtype=torch.float64)
             for name, layer in layers.items()}
     counts = dict.fromkeys(layers, 0)
 
     def hook(name: str):
-        def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = patches(module, args[0].detach()).to(torch.float64)
             sums[name] = sums[name].to(x.device).addmm_(x.T, x)
             counts[name] += x.shape[0]
         return record
@@ -78,9 +82,44 @@ def input_hessians(model: nn.Module, inputs: Iterable[Any], layers: dict[str, nn
     return {name: sums[name] / counts[name] for name in layers if counts[name]}
 
 
+def patches(layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    """The rows a layer multiplies its flattened weight ``(out, -1)`` with: a Linear's inputs, a convolution's
+    input patches (channel, then kernel positions, as the weight is laid out), one row per output position."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(layer, nn.Conv1d):  # as a 2-D convolution of height 1
+        x, kernel = x.unsqueeze(-2), (1, *layer.kernel_size)
+        extra = {"dilation": (1, *layer.dilation), "padding": (0, *layer.padding), "stride": (1, *layer.stride)}
+    else:
+        kernel = layer.kernel_size
+        extra = {"dilation": layer.dilation, "padding": layer.padding, "stride": layer.stride}
+    if x.dim() == 3:  # an unbatched input
+        x = x.unsqueeze(0)
+    columns = nn.functional.unfold(x, kernel, **extra)  # (N, C * kernel, positions)
+    return columns.transpose(1, 2).reshape(-1, columns.shape[1])
+
+
+def _row_length(layer: Layer) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.weight[0].numel()
+
+
+def _unsupported(layer: nn.Module) -> str | None:
+    """Why `calibrate` cannot re-assign `layer`'s weight, or None."""
+    if isinstance(layer, nn.Linear):
+        return None
+    if not isinstance(layer, (nn.Conv1d, nn.Conv2d)):
+        return "not a Linear or Conv1d / Conv2d weight of the dense model"
+    if layer.groups != 1:
+        return f"a grouped convolution (groups={layer.groups})"
+    if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+        return f"a convolution with padding={layer.padding!r}, padding_mode={layer.padding_mode!r}"
+    return None
+
+
 def calibrated_mosaic(weight: torch.Tensor, motifs: torch.Tensor, hessian: torch.Tensor, *,
                       damping: float = 0.01, force_zero: bool = False) -> torch.Tensor:
-    """The mosaic of a Linear weight ``(out, in)`` under `motifs` ``(k, s)`` that keeps ``tr(E H E^T)`` small.
+    """The mosaic of a weight ``(out, in)`` under `motifs` ``(k, s)`` that keeps ``tr(E H E^T)`` small (a
+    convolution's weight flattened per output channel, ``in`` its patch length).
 
     Blocks must lie along the rows (``in % s == 0``). `damping` adds that fraction of the mean diagonal of H to
     its diagonal (inputs never seen get 1), as GPTQ does, so that H is invertible and no direction is trusted
@@ -136,17 +175,18 @@ def output_error(weight: torch.Tensor, decoded: torch.Tensor, hessian: torch.Ten
 
 def calibrate(packed: nn.Module, dense: nn.Module, inputs: Iterable[Any], *, damping: float = 0.01,
               check_batches: int | None = 4, exclude: Iterable[str] = ()) -> CalibrationStats:
-    """Re-assign the mosaics of the packed Linear weights of `packed`, in place, by output error on `inputs`.
+    """Re-assign the mosaics of the packed Linear and Conv weights of `packed`, in place, by output error on `inputs`.
 
-    Each Linear weight of `packed` (packed from the same-named parameter of `dense`) is offered the mosaic that
-    `calibrated_mosaic` picks for `dense`'s weight under the same motif table, with H from the inputs the layer
-    sees in `dense`. The offer is taken, layer by layer in module order, only where it lowers the layer's output
-    error on those inputs and, with `check_batches`, also the mean squared distance of the whole model's output
-    to `dense`'s on the first `check_batches` batches. The second test matters: a layer's output error counts
-    every token alike, and in a transformer a few tokens with very large activations can dominate H while the
-    LayerNorm after the layer makes their errors matter little (BERT's feed-forward output layers are such).
-    A tensor is left as it is when it is not a Linear weight, is tied to another name, or has rows not cut into
-    whole blocks.
+    Each Linear, Conv1d and Conv2d weight of `packed` (packed from the same-named parameter of `dense`) is offered
+    the mosaic that `calibrated_mosaic` picks for `dense`'s weight under the same motif table, with H from the
+    inputs the layer sees in `dense` (a convolution's: its input patches). The offer is taken, layer by layer in
+    module order, only where it lowers the layer's output error on those inputs and, with `check_batches`, also
+    the mean squared distance of the whole model's output to `dense`'s on the first `check_batches` batches.
+    The second test matters: a layer's output error counts every token alike, and in a transformer a few tokens
+    with very large activations can dominate H while the LayerNorm after the layer makes their errors matter
+    little (BERT's feed-forward output layers are such).
+    A tensor is left as it is when it is not such a weight (or a grouped convolution, or one padded other than
+    with zeros by number), is tied to another name, or has rows not cut into whole blocks.
 
     Args:
         packed: a converted model (`momos.convert`, `momos.compress`).
@@ -179,11 +219,11 @@ def calibrate(packed: nn.Module, dense: nn.Module, inputs: Iterable[Any], *, dam
         if name not in hessians:
             skipped[name] = "its layer's forward never ran on the calibration inputs"
             continue
-        weight, h = owner.weight.detach(), hessians[name].to(owner.weight.device)
+        weight, h = owner.weight.detach().flatten(1), hessians[name].to(owner.weight.device)
         motifs = tensor.table.motifs.detach()
         mosaic = calibrated_mosaic(weight.cpu(), motifs.cpu(), h.cpu(), damping=damping).to(tensor.mosaic.device)
         new = nn.functional.embedding(mosaic, motifs.to(weight.dtype)).reshape(weight.shape)
-        before[name] = after[name] = output_error(weight, tensor().detach(), h)
+        before[name] = after[name] = output_error(weight, tensor().detach().flatten(1), h)
         if output_error(weight, new, h) >= before[name]:
             skipped[name] = "calibrated assignment did not lower the layer's output error"
             continue
@@ -232,12 +272,12 @@ def _eval(model: nn.Module) -> Iterator[None]:
 
 
 def _eligible(packed: nn.Module, dense: nn.Module,
-              excluded: set[str]) -> tuple[dict[str, tuple[nn.Linear, PackedTensor]], dict[str, str]]:
-    """The packed Linear weights `calibrate` can re-assign, each with its dense layer; and the rest, with why."""
+              excluded: set[str]) -> tuple[dict[str, tuple[Layer, PackedTensor]], dict[str, str]]:
+    """The packed weights `calibrate` can re-assign, each with its dense layer; and the rest, with why."""
     tied = tied_tensors(packed)
     tied_names = set(tied) | set(tied.values())
     dense_modules = dict(dense.named_modules())
-    layers: dict[str, tuple[nn.Linear, PackedTensor]] = {}
+    layers: dict[str, tuple[Layer, PackedTensor]] = {}
     skipped: dict[str, str] = {}
     for module_name, module in packed.named_modules():
         for tensor_name, tensor in members(module).items():
@@ -247,11 +287,14 @@ def _eligible(packed: nn.Module, dense: nn.Module,
                 skipped[name] = "tied to another name"
             elif name in excluded:
                 skipped[name] = "excluded"
-            elif tensor_name != "weight" or not isinstance(module, nn.Linear) or not isinstance(owner, nn.Linear) \
-                    or owner.weight.shape != tensor.shape:
-                skipped[name] = "not a Linear weight of the dense model"
-            elif module.in_features % tensor.table.block_size:
-                skipped[name] = f"in_features={module.in_features} is not a multiple of the block size"
+            elif tensor_name != "weight" or owner is None or type(owner) is not module.__class__.__bases__[0] \
+                    or getattr(owner, "weight", None) is None or owner.weight.shape != tensor.shape:
+                skipped[name] = "not the weight of the same layer in the dense model"
+            elif _unsupported(owner) is not None:
+                skipped[name] = _unsupported(owner)
+            elif _row_length(owner) % tensor.table.block_size:
+                skipped[name] = (f"its rows ({_row_length(owner)} values: in_features, or channels x kernel) are not "
+                                 f"a multiple of the block size")
             else:
                 layers[name] = (owner, tensor)
     if not layers and not skipped:

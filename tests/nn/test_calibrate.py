@@ -11,7 +11,7 @@ from torch import nn
 
 import momos
 from momos import MoMosConfig, MoMosConfigError, MoMosStateError
-from momos.nn.calibrate import calibrated_mosaic, input_hessians, output_error
+from momos.nn.calibrate import calibrated_mosaic, input_hessians, output_error, patches
 from momos.nn.packed import packed_tensors
 from momos.search import nearest
 
@@ -140,9 +140,10 @@ def test_calibrate_never_raises_the_model_error_and_says_what_it_left(name):
         if changed:
             assert stats.after[n] < stats.before[n]
     if name == "cnn":
-        assert stats.skipped["conv1.weight"] == "not a Linear weight of the dense model"
+        assert "not a multiple of the block size" in stats.skipped["conv1.weight"]  # 1 channel x 3 x 3 = 9 values
+        assert "conv2.weight" in stats.before  # 8 x 3 x 3 = 72
     if name == "transformer":
-        assert stats.skipped["embedding.weight"] == "not a Linear weight of the dense model"
+        assert stats.skipped["embedding.weight"] == "not a Linear or Conv1d / Conv2d weight of the dense model"
         # nn.MultiheadAttention reads out_proj.weight itself: that Linear's forward never runs
         assert "never ran" in stats.skipped["encoder.self_attn.out_proj.weight"]
 
@@ -195,3 +196,37 @@ def test_excluded_tensors_keep_their_mosaic():
     stats = momos.calibrate(packed, dense, inputs, exclude=["1.weight"])
     assert stats.skipped["1.weight"] == "excluded"
     assert torch.equal(dict(packed_tensors(packed))["1.weight"].mosaic, first)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**16), conv=st.sampled_from(["1d", "2d"]), kernel=st.integers(1, 3),
+       stride=st.integers(1, 2), padding=st.integers(0, 2), dilation=st.integers(1, 2), batched=st.booleans())
+def test_a_convolution_is_its_flattened_weight_times_its_input_patches(seed, conv, kernel, stride, padding, dilation,
+                                                                      batched):
+    torch.manual_seed(seed)
+    cls, size = (nn.Conv1d, (9,)) if conv == "1d" else (nn.Conv2d, (7, 8))
+    layer = cls(3, 5, kernel, stride=stride, padding=padding, dilation=dilation, bias=False).double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    x = x if batched else x[0]
+    want = layer(x)
+    rows = patches(layer, x)
+    got = rows @ layer.weight.flatten(1).T  # (positions, out)
+    torch.testing.assert_close(got, want.reshape(*([2] if batched else []), 5, -1).transpose(-1, -2).reshape(-1, 5))
+
+
+def test_calibrate_lowers_a_convolution_s_output_error():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 3, stride=2),
+                          nn.Flatten(), nn.LazyLinear(10))
+    inputs = [torch.randn(16, 4, 9, 9) + torch.randn(1, 4, 1, 1) for _ in range(4)]
+    dense(inputs[0])
+    dense.eval()
+    packed = momos.compress(dense, MoMosConfig(block_size=4, num_motifs=16))
+    before = _model_error(packed, dense, inputs)
+    stats = momos.calibrate(packed, dense, inputs)
+    assert {"0.weight", "2.weight"} <= set(stats.before)
+    assert any(stats.after[n] < stats.before[n] for n in ("0.weight", "2.weight"))
+    assert _model_error(packed, dense, inputs) < before
+    grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Flatten()).eval()
+    stats = momos.calibrate(momos.compress(grouped, MoMosConfig(block_size=2, num_motifs=8)), grouped, inputs)
+    assert stats.skipped["0.weight"] == "a grouped convolution (groups=2)"
