@@ -12,7 +12,7 @@ pretrained all-MiniLM-L6-v2 sentence encoder (the `bench` extra). Methods, all o
   parameter), trained from the same initialization with a hard refresh after every epoch (digits only).
 - MoMos b bits: `momos.compress` at b = 2, 3, 4 bits per compressed weight (s=4, k-means motifs, one global
   bank over the weight matrices): one-shot (nearest motifs, no data); calibrated (`momos.calibrate` re-assigns
-  the Linear weights' blocks by output error on the calibration inputs, BatchNorm statistics re-estimated); and
+  the Linear and Conv weights' blocks by output error on the calibration inputs, BatchNorm statistics re-estimated); and
   calibrated + motif fine-tuning (labels for digits, distillation from the dense model for MiniLM), which is
   `momos.compress(model, config, data)`, the recommended path.
 - intN RTN: symmetric round-to-nearest, one float16 scale per output row, codes in [-(2^(N-1)-1), 2^(N-1)-1].
@@ -180,8 +180,8 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 def calibrated(task: Task, packed: nn.Module) -> nn.Module:
-    """A copy of the packed `packed` with its Linear weights' mosaics re-assigned by `momos.calibrate` on the task's
-    inputs (and BatchNorm statistics re-estimated on them, where the model has BatchNorm)."""
+    """A copy of the packed `packed` with its Linear and Conv weights' mosaics re-assigned by `momos.calibrate` on
+    the task's inputs (and BatchNorm statistics re-estimated on them, where the model has BatchNorm)."""
     model = copy.deepcopy(packed)
     inputs = [b[0] if isinstance(b, (tuple, list)) else b for b in task.batches]
     momos.calibrate(model, task.dense, inputs)

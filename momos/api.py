@@ -257,7 +257,7 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
         data: batches for fine-tuning (see `momos.finetune`); None: no fine-tuning.
         teacher: the model to distill from (default `model`).
         loss: a task loss on ``(inputs, target)`` batches instead of distillation.
-        calibrate: with `data`, re-assign the Linear weights' blocks by output error before fine-tuning.
+        calibrate: with `data`, re-assign the Linear and Conv weights' blocks by output error before fine-tuning.
         include, exclude, overrides: the selection, as in `prepare`; by default `config.targets`: the weight
             matrices (every trainable parameter with at least two dimensions), biases and norms left dense.
         **finetune_args: passed to `momos.finetune` (epochs, lr, distill, dense, progress, ...).

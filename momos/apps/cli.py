@@ -352,7 +352,7 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
         held_out = len(order) // 5
         batches = [(labelled.x_train[b], labelled.y_train[b]) for b in split_batches(order[held_out:], 64)]
         validation = [(labelled.x_train[b], labelled.y_train[b]) for b in split_batches(order[:held_out], 64)]
-        console.log("re-assigning the Linear weights' blocks by their output error on the training inputs")
+        console.log("re-assigning the Linear and Conv weights' blocks by their output error on the training inputs")
         momos.calibrate(packed, model, [x for x, _ in batches + validation])
         accuracy["momos_before_finetune"] = evaluate(packed, labelled.x_test, labelled.y_test)
         console.log(f"fine-tuning the motif tables for up to {args.epochs} epochs on labelled data, keeping the "
@@ -362,7 +362,7 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
         accuracy["momos"] = evaluate(packed, labelled.x_test, labelled.y_test)
     elif args.calibrate:
         batches = [inputs[b] for b in split_batches(torch.arange(len(inputs)), 64)]
-        console.log("re-assigning the Linear weights' blocks by their output error on the inputs")
+        console.log("re-assigning the Linear and Conv weights' blocks by their output error on the inputs")
         momos.calibrate(packed, model, batches)
         console.log(f"fine-tuning the motif tables for {args.epochs} epochs by distillation from the dense model")
         momos.finetune(packed, batches, teacher=model, **tune)
