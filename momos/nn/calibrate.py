@@ -238,18 +238,23 @@ def calibrate(packed: nn.Module, dense: nn.Module, inputs: Iterable[Any], *, dam
 
 
 class _ModelError:
-    """The mean squared distance of `packed`'s outputs to `dense`'s on fixed batches; whether a change lowered it."""
+    """The mean squared distance of `packed`'s outputs to `dense`'s on fixed batches; whether a change lowered it.
+
+    Both models run in eval mode, except that their BatchNorm layers normalise by each batch's own statistics
+    (their running statistics are left as they were): the packed model's running statistics were measured on
+    the dense weights, and comparing through them would judge a re-assignment by how stale they are.
+    """
 
     def __init__(self, packed: nn.Module, dense: nn.Module, batches: list[Any]) -> None:
         if not batches:
             raise MoMosConfigError("no calibration batch: give at least one batch of inputs")
         self.packed, self.batches = packed, batches
-        with torch.no_grad(), _eval(dense):
+        with torch.no_grad(), _eval(dense), _batch_statistics(dense):
             self.targets = [_output(_call(dense, batch)).detach() for batch in batches]
         self.best = self.measure()
 
     def measure(self) -> float:
-        with torch.no_grad(), _eval(self.packed):
+        with torch.no_grad(), _eval(self.packed), _batch_statistics(self.packed):
             return sum(float(nn.functional.mse_loss(_output(_call(self.packed, batch)), target))
                        for batch, target in zip(self.batches, self.targets, strict=True)) / len(self.batches)
 
@@ -259,6 +264,22 @@ class _ModelError:
             self.best = value
             return True
         return False
+
+
+@contextlib.contextmanager
+def _batch_statistics(model: nn.Module) -> Iterator[None]:
+    """BatchNorm layers of `model` (in eval mode) normalise by batch statistics; their buffers are restored after."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
+    for m in norms:
+        m.train()
+    try:
+        yield
+    finally:
+        for m, buffers in zip(norms, saved, strict=True):
+            m.eval()
+            for k, v in buffers.items():
+                getattr(m, k).copy_(v)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from torch import nn
 
 import momos
 from momos import MoMosConfig, MoMosConfigError, MoMosStateError
-from momos.nn.calibrate import calibrated_mosaic, input_hessians, output_error, patches
+from momos.nn.calibrate import _batch_statistics, calibrated_mosaic, input_hessians, output_error, patches
 from momos.nn.packed import packed_tensors
 from momos.search import nearest
 
@@ -120,7 +120,8 @@ def _task(name: str, n: int = 96):
 
 
 def _model_error(packed: nn.Module, dense: nn.Module, inputs: list) -> float:
-    with torch.no_grad():
+    """The guard's measure: eval mode, BatchNorm by batch statistics (the packed model's running ones are stale)."""
+    with torch.no_grad(), _batch_statistics(packed), _batch_statistics(dense):
         return sum(float(nn.functional.mse_loss(packed(x), dense(x))) for x in inputs) / len(inputs)
 
 
@@ -130,8 +131,12 @@ def test_calibrate_never_raises_the_model_error_and_says_what_it_left(name):
     packed = momos.compress(dense, MoMosConfig(block_size=4, num_motifs=16))
     before = _model_error(packed, dense, inputs[:4])
     mosaics = {n: t.mosaic.clone() for n, t in packed_tensors(packed)}
+    buffers = {k: v.clone() for k, v in packed.named_buffers() if "momos_packed" not in k}
     stats = momos.calibrate(packed, dense, inputs)
     assert _model_error(packed, dense, inputs[:4]) <= before
+    # nothing but mosaics changes: BatchNorm running statistics and the model's mode are as they were
+    assert all(torch.equal(v, buffers[k]) for k, v in packed.named_buffers() if "momos_packed" not in k)
+    assert not packed.training and not any(m.training for m in packed.modules())
     names = dict(packed_tensors(packed))
     assert set(stats.before) | set(stats.skipped) == set(names)
     for n, t in names.items():
