@@ -245,9 +245,9 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
     """The recommended path for a trained or pretrained model: one projection, convert, then fine-tune the motifs.
 
     `prepare` (on a copy), one `refresh`, `convert`; then, when `data` is given, `momos.calibrate` (each Linear
-    weight's blocks re-assigned to keep the layer's outputs on `data`'s inputs close to the dense ones, where that
-    lowers the model's output error) and `finetune` of the motif tables: on labelled batches with `loss`, else by
-    distillation from `teacher` (default: `model` itself, as given).
+    and Conv weight's blocks re-assigned to keep the layer's outputs on `data`'s inputs close to the dense ones,
+    where that lowers the model's output error) and `finetune` of the motif tables: on labelled batches with
+    `loss`, else by distillation from `teacher` (default: `model` itself, as given).
     Without `data`, a model with BatchNorm wants `momos.recalibrate_batchnorm(packed, inputs)` after this: its
     statistics were measured on the dense weights (`finetune` re-estimates them itself).
 

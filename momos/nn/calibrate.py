@@ -25,7 +25,7 @@ from momos.errors import MoMosConfigError, MoMosStateError
 from momos.nn.finetune import _call, _output
 from momos.nn.packed import PackedTensor, members, tied_tensors
 
-__all__ = ["CalibrationStats", "calibrate", "calibrated_mosaic", "input_hessians"]
+__all__ = ["CalibrationStats", "calibrate", "calibrated_mosaic", "input_hessians", "output_error", "patches"]
 
 # Column blocks whose error updates are collected before they are applied to the rest of the matrix.
 _LAZY_COLUMNS = 128
@@ -117,14 +117,14 @@ def _unsupported(layer: nn.Module) -> str | None:
 
 
 def calibrated_mosaic(weight: torch.Tensor, motifs: torch.Tensor, hessian: torch.Tensor, *,
-                      damping: float = 0.01, force_zero: bool = False) -> torch.Tensor:
+                      damping: float = 0.01) -> torch.Tensor:
     """The mosaic of a weight ``(out, in)`` under `motifs` ``(k, s)`` that keeps ``tr(E H E^T)`` small (a
     convolution's weight flattened per output channel, ``in`` its patch length).
 
     Blocks must lie along the rows (``in % s == 0``). `damping` adds that fraction of the mean diagonal of H to
     its diagonal (inputs never seen get 1), as GPTQ does, so that H is invertible and no direction is trusted
-    beyond what the data shows. `force_zero` only says the bank's motif 0 is the zero motif (it is chosen like
-    any other). Returns the int64 mosaic of ``weight.reshape(-1)`` cut into blocks.
+    beyond what the data shows. Every motif may be chosen, a forced zero motif too. Returns the int64 mosaic of
+    ``weight.reshape(-1)`` cut into blocks.
     """
     out_features, in_features = weight.shape
     s = motifs.shape[1]
