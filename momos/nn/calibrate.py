@@ -65,18 +65,15 @@ def input_hessians(model: nn.Module, inputs: Iterable[Any], layers: dict[str, La
         return record
 
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
-    was_training = model.training
     seen = 0
     try:
-        model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _eval(model):
             for batch in inputs:
                 _call(model, batch)
                 seen += 1
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     if seen == 0:
         raise MoMosConfigError("no calibration batch: give at least one batch of inputs")
     return {name: sums[name] / counts[name] for name in layers if counts[name]}
