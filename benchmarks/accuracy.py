@@ -60,6 +60,8 @@ from momos.nn.finetune import recalibrate_batchnorm  # noqa: E402
 from momos.nn.packed import MotifTable, PackedTensor, attach  # noqa: E402
 
 MOMOS_BITS = (2, 3, 4)
+# (k of each Embedding's own bank, k of the matrices' bank): the models with embeddings (MiniLM) also run these.
+EMBEDDING_SPLITS = ((256, 16384),)
 INT_BITS = (4, 3, 2)
 PALETTE_SIZES = (16, 8, 4)
 BLOCK_SIZE = 4
@@ -190,6 +192,27 @@ def calibrated(task: Task, packed: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def split_banks(task: Task, seed: int, log: Callable[[str], None]) -> list[Row]:
+    """MoMos with bits moved from the embeddings to the matrices every token passes through: each Embedding
+    weight in a bank of its own with `k_e` motifs, the other matrices in one global bank of `k_m`
+    (`EMBEDDING_SPLITS`, chosen to stay at or under 3 bits per compressed weight)."""
+    rows: list[Row] = []
+    for k_e, k_m in EMBEDDING_SPLITS:
+        config = momos.MoMosConfig(block_size=BLOCK_SIZE, num_motifs=k_m, seed=seed)
+        overrides = {nn.Embedding: config.replace(num_motifs=k_e, scope="tensor")}
+        packed, seconds = timed(lambda config=config, overrides=overrides:
+                                momos.compress(task.dense, config, overrides=overrides))
+        label = f"MoMos embeddings k={k_e}, matrices k={k_m}"
+        rows.append(_scored(task, seed, f"{label}, one-shot", packed, packed_size(packed), seconds, log))
+        model, more = timed(lambda packed=packed: calibrated(task, packed))
+        seconds += more
+        rows.append(_scored(task, seed, f"{label}, calibrated", model, packed_size(model), seconds, log))
+        model, more = timed(lambda model=model: tuned(task, model, seed))
+        rows.append(_scored(task, seed, f"{label}, calibrated + fine-tune", model, packed_size(model),
+                            seconds + more, log))
+    return rows
+
+
 def defaults(task: Task, seed: int, log: Callable[[str], None]) -> list[Row]:
     """The choice behind `MoMosConfig`'s defaults: what to select (`targets`) and how to draw the bank
     (`motif_init`), at 3 bits per compressed weight, one-shot and along the recommended path."""
@@ -263,6 +286,8 @@ def compare(task: Task, seed: int, *, paper: Callable[[], nn.Module] | None, sec
         add(f"MoMos {bits} bits, calibrated", model, packed_size(model), seconds)
         model, more = timed(lambda model=model: tuned(task, model, seed))
         add(f"MoMos {bits} bits, calibrated + fine-tune", model, packed_size(model), seconds + more)
+    if any(isinstance(m, nn.Embedding) for m in task.dense.modules()):
+        rows += split_banks(task, seed, log)
     for bits in INT_BITS:
         model, seconds = timed(lambda bits=bits: round_rows(task.dense, names, bits))
         add(f"int{bits} RTN per row", model, rounded_size(model, names, bits), seconds)
