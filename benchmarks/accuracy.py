@@ -60,8 +60,8 @@ from momos.nn.finetune import recalibrate_batchnorm  # noqa: E402
 from momos.nn.packed import MotifTable, PackedTensor, attach  # noqa: E402
 
 MOMOS_BITS = (2, 3, 4)
-# (k of each Embedding's own bank, k of the matrices' bank): the models with embeddings (MiniLM) also run these.
-EMBEDDING_SPLITS = ((256, 16384),)
+# (k of each Embedding's own bank, k of the matrices' bank) that models with embeddings (MiniLM) also run.
+EMBEDDING_SPLITS = [(256, 16384)]
 INT_BITS = (4, 3, 2)
 PALETTE_SIZES = (16, 8, 4)
 BLOCK_SIZE = 4
@@ -530,6 +530,9 @@ def main() -> None:
     parser.add_argument("--evaluation", type=int, default=256, help="held-out sentences for MiniLM")
     parser.add_argument("--quick", action="store_true", help="1 seed, 5 MLP / 2 CNN epochs, 1 fine-tuning epoch, "
                                                              "128 + 64 MiniLM sentences")
+    parser.add_argument("--embedding-splits", default="256:16384", help="K_E:K_M,... for models with embeddings: "
+                        "each Embedding in its own bank of K_E motifs, the other matrices in one of K_M (default "
+                        "%(default)s; '' for none)")
     parser.add_argument("--defaults", action="store_true", help="instead of the comparison, the study behind "
                         "MoMosConfig's defaults: targets all / matrices, motif_init random / kmeans, at 3 bits")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -539,6 +542,8 @@ def main() -> None:
         args.seeds, args.mlp_epochs, args.cnn_epochs, args.finetune_epochs = 1, 5, 2, 1
         args.minilm_epochs, args.calibration, args.evaluation = 1, 128, 64
     torch.set_num_threads(args.threads)
+    EMBEDDING_SPLITS[:] = [tuple(int(k) for k in split.split(":"))
+                           for split in args.embedding_splits.split(",") if split]
     logging.getLogger("coremltools").setLevel(logging.ERROR)
 
     def log(message: str) -> None:
