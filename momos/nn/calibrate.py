@@ -120,8 +120,19 @@ def calibrated_mosaic(weight: torch.Tensor, motifs: torch.Tensor, hessian: torch
 
     Blocks must lie along the rows (``in % s == 0``). `damping` adds that fraction of the mean diagonal of H to
     its diagonal (inputs never seen get 1), as GPTQ does, so that H is invertible and no direction is trusted
-    beyond what the data shows. Every motif may be chosen, a forced zero motif too. Returns the int64 mosaic of
-    ``weight.reshape(-1)`` cut into blocks.
+    beyond what the data shows. Every motif may be chosen, a forced zero motif too.
+
+    Args:
+        weight: the dense weight ``(out, in)``.
+        motifs: the bank ``(k, s)``, ``in % s == 0``.
+        hessian: H ``(in, in)`` of the layer's inputs (`input_hessians`).
+        damping: the fraction of H's mean diagonal added to its diagonal.
+
+    Returns:
+        The int64 mosaic of ``weight.reshape(-1)`` cut into blocks of s.
+
+    Raises:
+        MoMosStateError: rows that are not whole blocks.
     """
     out_features, in_features = weight.shape
     s = motifs.shape[1]
