@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -13,7 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from momos.blocks import num_blocks, reconstruct, to_blocks
-from momos.config import BANK_FIELDS, MoMosConfig, build_rules, resolve
+from momos.config import BANK_FIELDS, MoMosConfig, build_rules, index_bits, resolve
 from momos.errors import MoMosConfigError, MoMosSelectionError, MoMosStateError, MoMosWarning
 from momos.nn import calibrate as calibration
 from momos.nn.finetune import finetune
@@ -72,16 +73,7 @@ def prepare(model: nn.Module, config: MoMosConfig, *, include: Iterable[Any] | N
     if not inplace:
         model = copy.deepcopy(model)
 
-    candidates = _candidates(model)
-    owners = {full: (module, full.rsplit(".", 1)[-1]) for full, _, module in candidates}
-    rules = build_rules(config, include, exclude, overrides)
-    chosen = resolve(candidates, None if include else config, rules,
-                     targeted=lambda name: _targeted(config, owners[name][0]._parameters[owners[name][1]]))
-    if not chosen:
-        raise MoMosSelectionError(f"no tensor selected: the model has no trainable floating-point parameter that the "
-                                  f"selectors and targets={config.targets!r} admit (name the tensors with include=, "
-                                  f"or give targets='all')")
-
+    chosen, owners = _selection(model, config, include, exclude, overrides)
     weights = {n: owners[n][0]._parameters[owners[n][1]] for n in chosen}
     global_names = [n for n, c in chosen.items() if c.scope == "global"]
     _check_global_agreement(global_names, chosen, weights)
@@ -111,6 +103,22 @@ def prepare(model: nn.Module, config: MoMosConfig, *, include: Iterable[Any] | N
         module, tensor_name = owners[name]
         register(module, tensor_name, MoMosParametrization(bank, weights[name].shape, weights[name].device))
     return model
+
+
+def _selection(model: nn.Module, config: MoMosConfig, include: Iterable[Any] | None, exclude: Iterable[Any] | None,
+               overrides: Mapping[Any, MoMosConfig | None] | None,
+               ) -> tuple[dict[str, MoMosConfig], dict[str, tuple[nn.Module, str]]]:
+    """What `prepare` selects, ``{parameter name: config}``, and ``{parameter name: (owner module, name in it)}``."""
+    candidates = _candidates(model)
+    owners = {full: (module, full.rsplit(".", 1)[-1]) for full, _, module in candidates}
+    rules = build_rules(config, include, exclude, overrides)
+    chosen = resolve(candidates, None if include else config, rules,
+                     targeted=lambda name: _targeted(config, owners[name][0]._parameters[owners[name][1]]))
+    if not chosen:
+        raise MoMosSelectionError(f"no tensor selected: the model has no trainable floating-point parameter that the "
+                                  f"selectors and targets={config.targets!r} admit (name the tensors with include=, "
+                                  f"or give targets='all')")
+    return chosen, owners
 
 
 def _targeted(config: MoMosConfig, param: torch.Tensor) -> bool:
@@ -241,7 +249,7 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
              teacher: nn.Module | None = None, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
              include: Iterable[Any] | None = None, exclude: Iterable[Any] | None = None,
              overrides: Mapping[Any, MoMosConfig | None] | None = None, calibrate: bool = True,
-             **finetune_args: Any) -> nn.Module:
+             embedding_bits: float | None = None, **finetune_args: Any) -> nn.Module:
     """The recommended path for a trained or pretrained model: one projection, convert, then fine-tune the motifs.
 
     `prepare` (on a copy), one `refresh`, `convert`; then, when `data` is given, `momos.calibrate` (each Linear
@@ -258,14 +266,24 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
         teacher: the model to distill from (default `model`).
         loss: a task loss on ``(inputs, target)`` batches instead of distillation.
         calibrate: with `data`, re-assign the Linear and Conv weights' blocks by output error before fine-tuning.
+        embedding_bits: give each selected, untied `nn.Embedding` weight a bank of its own within this many bits
+            per weight, and the other tensors of `config` the rest of `config.bits_per_weight`'s budget over all
+            of them (a lookup row serves one token, a matrix every token; docs/accuracy.md measures the gain).
         include, exclude, overrides: the selection, as in `prepare`; by default `config.targets`: the weight
             matrices (every trainable parameter with at least two dimensions), biases and norms left dense.
         **finetune_args: passed to `momos.finetune` (epochs, lr, distill, dense, progress, ...).
 
     Returns:
         The packed model.
+
+    Raises:
+        MoMosConfigError: `embedding_bits` without `config.bits_per_weight`, not a positive number, or leaving the
+            other tensors no budget; and what `prepare` and `finetune` raise.
+        MoMosSelectionError: `embedding_bits` with no untied Embedding weight or no other tensor selected.
     """
     config = default_config() if config is None else config
+    if embedding_bits is not None:
+        config, overrides = _split_budget(model, config, include, exclude, overrides, embedding_bits)
     prepared = prepare(model, config, include=include, exclude=exclude, overrides=overrides)
     refresh(prepared)
     packed = convert(prepared, inplace=True)
@@ -276,6 +294,46 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
             teacher = model
         finetune(packed, data, teacher=teacher, loss=loss, **finetune_args)
     return packed
+
+
+def _split_budget(model: nn.Module, config: MoMosConfig, include: Iterable[Any] | None,
+                  exclude: Iterable[Any] | None, overrides: Mapping[Any, MoMosConfig | None] | None,
+                  embedding_bits: float) -> tuple[MoMosConfig, dict[Any, MoMosConfig | None]]:
+    """`compress`'s `embedding_bits`: the config for the tensors that keep `config`, with the budget the embeddings
+    leave them, and the overrides that give each untied Embedding weight its own bank of `embedding_bits`."""
+    b = embedding_bits
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0:
+        raise MoMosConfigError(f"embedding_bits must be a positive number, got {b!r}")
+    if config.bits_per_weight is None:
+        raise MoMosConfigError("embedding_bits splits a bits_per_weight budget: give the config bits_per_weight "
+                               f"(it has capacity={config.capacity!r}, num_motifs={config.num_motifs!r})")
+    chosen, owners = _selection(model, config, include, exclude, overrides)
+    holders = _parameter_slots(model)
+    params = {name: owners[name][0]._parameters[owners[name][1]] for name in chosen}
+    shared = [name for name, cfg in chosen.items() if cfg == config]
+    lookups = [name for name in shared if isinstance(owners[name][0], nn.Embedding) and owners[name][1] == "weight"
+               and len(holders.get(id(params[name]), [])) == 1]
+    rest = [name for name in shared if name not in lookups]
+    if not lookups or not rest:
+        missing = "no untied nn.Embedding weight" if not lookups else "no other tensor"
+        raise MoMosSelectionError(f"embedding_bits={b!r} splits the budget between untied nn.Embedding weights and "
+                                  f"the other tensors, but {missing} is selected with the config")
+    split = {name: config.replace(bits_per_weight=float(b), scope="tensor") for name in lookups}
+    spent = 0
+    for name in lookups:
+        numel = params[name].numel()
+        blocks = num_blocks(numel, config.block_size)
+        k = split[name].num_motifs_for(blocks, numel)
+        if k - config.force_zero < 1:
+            raise MoMosConfigError(f"embedding_bits={b!r} leaves tensor {name!r} only the zero motif: give it more "
+                                   "bits")
+        spent += blocks * index_bits(k) + k * config.block_size * config.motif_bits
+    total = sum(params[name].numel() for name in lookups + rest)
+    left = (config.bits_per_weight * total - spent) / sum(params[name].numel() for name in rest)
+    if left <= 0:
+        raise MoMosConfigError(f"embedding_bits={b!r} leaves no budget of bits_per_weight={config.bits_per_weight!r} "
+                               f"for the other tensors")
+    return config.replace(bits_per_weight=left), {**split, **(overrides or {})}
 
 
 def _stale(bank: MotifBank, members: list[Member]) -> bool:

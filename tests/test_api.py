@@ -399,3 +399,47 @@ def test_targets_pick_what_prepare_selects_without_include():
     assert [n for n, _, _ in prepared_tensors(only_bias)] == ["1.bias"]
     with pytest.raises(MoMosSelectionError, match="targets='matrices'.*include="):
         momos.prepare(nn.Sequential(nn.LayerNorm(8)), cfg)
+
+
+def _embedding_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(500, 16), nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8))
+
+
+@settings(max_examples=15, deadline=None)
+@given(b=st.floats(2.0, 6.0), share=st.floats(0.3, 0.9))
+def test_embedding_bits_split_one_budget(b, share):
+    model = _embedding_model()
+    config = MoMosConfig(block_size=4, bits_per_weight=b)
+    packed = momos.compress(model, config, embedding_bits=share * b)
+    report = momos.report(packed)
+    assert report.bits_per_weight <= b + 1e-9  # the whole budget holds over every compressed weight
+    tensors = {t.name: t for t in report.tensors}
+    embedding = tensors["0.weight"]
+    assert embedding.bank == "0.weight"  # a bank of its own, sized by embedding_bits
+    assert embedding.num_motifs == config.replace(bits_per_weight=share * b).num_motifs_for(2000, 8000)
+    # the matrices share one bank, the largest that the rest of the budget holds
+    k = tensors["1.weight"].num_motifs
+    assert tensors["3.weight"].bank == tensors["1.weight"].bank == "global"
+    blocks = 256 + 128
+    spent = embedding.table_bits + embedding.mosaic_bits
+    if k < blocks:
+        bigger = k + 1
+        assert spent + blocks * math.ceil(math.log2(bigger)) + bigger * 4 * 32 > b * (8000 + 1536)
+
+
+def test_embedding_bits_refuses_what_it_cannot_split():
+    model = _embedding_model()
+    with pytest.raises(MoMosConfigError, match="bits_per_weight"):
+        momos.compress(model, MoMosConfig(block_size=4, num_motifs=16), embedding_bits=2.0)
+    with pytest.raises(MoMosConfigError, match="embedding_bits"):
+        momos.compress(model, MoMosConfig(block_size=4, bits_per_weight=3.0), embedding_bits=-1.0)
+    with pytest.raises(MoMosConfigError, match="no budget"):
+        momos.compress(model, MoMosConfig(block_size=4, bits_per_weight=2.0), embedding_bits=10.0)
+    with pytest.raises(MoMosSelectionError, match="no untied nn.Embedding"):
+        momos.compress(_mlp(), MoMosConfig(block_size=4, bits_per_weight=3.0), embedding_bits=2.0)
+    # a tied embedding is also an output matrix: it stays with the matrices, and nothing is left to split
+    tied = nn.Sequential(nn.Embedding(40, 16), nn.Linear(16, 40, bias=False))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(MoMosSelectionError, match="no untied nn.Embedding"):
+        momos.compress(tied, MoMosConfig(block_size=4, bits_per_weight=3.0), embedding_bits=2.0)

@@ -2,7 +2,7 @@
 
     momos demo [--out DIR] [--epochs N] [--seed S] [--block-size S] [--capacity C] [--bits B]
     momos sweep --model mlp|cnn|vit [--block-sizes 2,4,8] [--capacities 0.005,0.01] [--seeds 3] [--data X.npz]
-    momos compress --model pkg.module:factory --weights state_dict.pt [--finetune data.npz] -o model.momos
+    momos compress --model pkg.module:factory --weights state_dict.pt [--bits B] [--embedding-bits B] -o model.momos
     momos inspect FILE.momos|FILE.onnx [--json]
     momos export FILE.momos --model pkg.module:factory --input-shape 1,8,8 -o model.onnx
     momos complexity [demo | FILE.momos | FILE.pt | pkg.module:factory] [--model pkg.module:factory]
@@ -345,7 +345,9 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
     if labelled is not None:
         accuracy["dense"] = evaluate(model, labelled.x_test, labelled.y_test)
     console.log("projecting the weight matrices onto a mosaic of motifs")
-    packed = momos.compress(model, config)
+    if args.embedding_bits is not None and args.capacity is not None:
+        raise UsageError("--embedding-bits splits a --bits budget; it does not go with --capacity")
+    packed = momos.compress(model, config, embedding_bits=args.embedding_bits)
     tune = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "progress": console.progress}
     if labelled is not None:
         order = torch.randperm(len(labelled.x_train), generator=torch.Generator().manual_seed(args.seed))
@@ -578,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--bits", type=_positive_float, default=3.0,
                       help="bits per compressed weight, motif table included (default: 3)")
     size.add_argument("--capacity", type=_capacity, default=None, help="capacity c in (0, 1] instead of --bits")
+    p.add_argument("--embedding-bits", type=_positive_float, default=None, metavar="B",
+                   help="give each nn.Embedding weight a bank of its own within B bits per weight, and the other "
+                        "matrices the rest of the --bits budget (not with --capacity)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--finetune", type=_existing_file, metavar="DATA.npz",
                       help="fine-tune the motifs on this .npz (arrays X and y; 80/20 split), reporting test accuracy")

@@ -38,6 +38,10 @@ USER_MODULE = textwrap.dedent('''
         return nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
 
 
+    def tokens():
+        return nn.Sequential(nn.Embedding(5000, 16), nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8))
+
+
     def not_a_model():
         return 42
 ''')
@@ -140,6 +144,7 @@ def user_files(tmp_path: Path) -> Path:
 
         torch.manual_seed(0)
         model = usermodel.small()
+        torch.save(usermodel.tokens().state_dict(), tmp_path / "tokens.pt")
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("usermodel", None)
@@ -295,3 +300,22 @@ def test_help_everywhere(capsys: pytest.CaptureFixture) -> None:
     for command in ([], ["demo"], ["sweep"], ["compress"], ["inspect"], ["export"], ["complexity"]):
         assert cli.main([*command, "--help"]) == 0
         assert "usage: momos" in capsys.readouterr().out
+
+
+def test_compress_embedding_bits_splits_the_bits_budget(user_files: Path) -> None:
+    d = user_files
+    result = run("compress", "--model", "usermodel:tokens", "--weights", "tokens.pt", "--bits", "3",
+                 "--embedding-bits", "2.5", "-o", "tokens.momos", "--json", cwd=d)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)["report"]
+    banks = {t["name"]: (t["bank"], t["num_motifs"]) for t in report["tensors"]}
+    assert banks["0.weight"] == ("0.weight", 256)  # 8-bit indices (2 bits per weight) and a 32,768-bit table
+    assert banks["1.weight"][0] == banks["3.weight"][0] == "global" and banks["1.weight"][1] > 256
+    assert report["total"]["bits_per_weight"] <= 3.0
+    refused = run("compress", "--model", "usermodel:tokens", "--weights", "tokens.pt", "--capacity", "0.1",
+                  "--embedding-bits", "2", "-o", "no.momos", cwd=d)
+    assert refused.returncode == 2 and "--embedding-bits" in refused.stderr
+    no_embedding = run("compress", "--model", "usermodel:small", "--weights", "weights.pt", "--embedding-bits", "2",
+                       "-o", "no.momos", cwd=d)
+    assert no_embedding.returncode == 2 and "no untied nn.Embedding" in no_embedding.stderr
+    assert not (d / "no.momos").exists()
