@@ -266,9 +266,10 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
         teacher: the model to distill from (default `model`).
         loss: a task loss on ``(inputs, target)`` batches instead of distillation.
         calibrate: with `data`, re-assign the Linear and Conv weights' blocks by output error before fine-tuning.
-        embedding_bits: give each selected, untied `nn.Embedding` weight a bank of its own within this many bits
-            per weight, and the other tensors of `config` the rest of `config.bits_per_weight`'s budget over all
-            of them (a lookup row serves one token, a matrix every token; docs/accuracy.md measures the gain).
+        embedding_bits: give each selected, untied `nn.Embedding` weight a bank of its own, with the motifs this
+            many bits per weight buy the largest of them (capped at a tensor's blocks), and the other tensors of
+            `config` the rest of `config.bits_per_weight`'s budget over all of them (a lookup row serves one
+            token, a matrix every token; docs/accuracy.md measures the gain).
         include, exclude, overrides: the selection, as in `prepare`; by default `config.targets`: the weight
             matrices (every trainable parameter with at least two dimensions), biases and norms left dense.
         **finetune_args: passed to `momos.finetune` (epochs, lr, distill, dense, progress, ...).
@@ -318,16 +319,19 @@ def _split_budget(model: nn.Module, config: MoMosConfig, include: Iterable[Any] 
         missing = "no untied nn.Embedding weight" if not lookups else "no other tensor"
         raise MoMosSelectionError(f"embedding_bits={b!r} splits the budget between untied nn.Embedding weights and "
                                   f"the other tensors, but {missing} is selected with the config")
-    split = {name: config.replace(bits_per_weight=float(b), scope="tensor") for name in lookups}
+    # Every embedding gets the k that the budget buys the largest one: a small table (BERT's token types, read by
+    # every token) would otherwise get almost nothing, its motif table costing more than its indices.
+    largest = max(lookups, key=lambda name: params[name].numel())
+    numel = params[largest].numel()
+    k = config.replace(bits_per_weight=float(b)).num_motifs_for(num_blocks(numel, config.block_size), numel)
+    if k - config.force_zero < 1:
+        raise MoMosConfigError(f"embedding_bits={b!r} leaves tensor {largest!r} only the zero motif: give it more bits")
+    split = {name: config.replace(bits_per_weight=None, num_motifs=k, scope="tensor") for name in lookups}
     spent = 0
     for name in lookups:
-        numel = params[name].numel()
-        blocks = num_blocks(numel, config.block_size)
-        k = split[name].num_motifs_for(blocks, numel)
-        if k - config.force_zero < 1:
-            raise MoMosConfigError(f"embedding_bits={b!r} leaves tensor {name!r} only the zero motif: give it more "
-                                   "bits")
-        spent += blocks * index_bits(k) + k * config.block_size * config.motif_bits
+        blocks = num_blocks(params[name].numel(), config.block_size)
+        own = split[name].num_motifs_for(blocks)
+        spent += blocks * index_bits(own) + own * config.block_size * config.motif_bits
     total = sum(params[name].numel() for name in lookups + rest)
     left = (config.bits_per_weight * total - spent) / sum(params[name].numel() for name in rest)
     if left <= 0:

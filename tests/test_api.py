@@ -443,3 +443,24 @@ def test_embedding_bits_refuses_what_it_cannot_split():
     tied[1].weight = tied[0].weight
     with pytest.raises(MoMosSelectionError, match="no untied nn.Embedding"):
         momos.compress(tied, MoMosConfig(block_size=4, bits_per_weight=3.0), embedding_bits=2.0)
+
+
+def test_embedding_bits_give_every_embedding_the_largest_one_s_motifs():
+    """BERT-like: a small token-type table, read by every token, gets as many motifs as the word table (capped at
+    its blocks), not the few its own share of the budget would buy."""
+    torch.manual_seed(0)
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.words, self.types, self.proj = nn.Embedding(500, 16), nn.Embedding(2, 16), nn.Linear(16, 8)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.proj(self.words(ids) + self.types(torch.zeros_like(ids)))
+
+    config = MoMosConfig(block_size=4, bits_per_weight=4.0)
+    report = momos.report(momos.compress(Encoder(), config, embedding_bits=3.0))
+    k = {t.name: t.num_motifs for t in report.tensors}
+    assert k["words.weight"] == config.replace(bits_per_weight=3.0).num_motifs_for(2000, 8000)
+    assert k["types.weight"] == 8  # all of its 8 blocks: the table is exact
+    assert report.bits_per_weight <= 4.0
