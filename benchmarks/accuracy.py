@@ -62,6 +62,8 @@ from momos.nn.packed import MotifTable, PackedTensor, attach  # noqa: E402
 MOMOS_BITS = (2, 3, 4)
 # (k of each Embedding's own bank, k of the matrices' bank) that models with embeddings (MiniLM) also run.
 EMBEDDING_SPLITS = [(256, 16384)]
+# (bits_per_weight, embedding_bits) of `momos.compress`'s own split that models with embeddings also run.
+EMBEDDING_BITS = [(3.0, 2.1)]
 INT_BITS = (4, 3, 2)
 PALETTE_SIZES = (16, 8, 4)
 BLOCK_SIZE = 4
@@ -195,14 +197,23 @@ def calibrated(task: Task, packed: nn.Module) -> nn.Module:
 def split_banks(task: Task, seed: int, log: Callable[[str], None]) -> list[Row]:
     """MoMos with bits moved from the embeddings to the matrices every token passes through: each Embedding
     weight in a bank of its own with `k_e` motifs, the other matrices in one global bank of `k_m`
-    (`EMBEDDING_SPLITS`, chosen to stay at or under 3 bits per compressed weight)."""
+    (`EMBEDDING_SPLITS`, chosen to stay at or under 3 bits per compressed weight); and `momos.compress`'s
+    `embedding_bits` split of a `bits_per_weight` budget (`EMBEDDING_BITS`)."""
     rows: list[Row] = []
+    runs = []
     for k_e, k_m in EMBEDDING_SPLITS:
         config = momos.MoMosConfig(block_size=BLOCK_SIZE, num_motifs=k_m, seed=seed)
         overrides = {nn.Embedding: config.replace(num_motifs=k_e, scope="tensor")}
-        packed, seconds = timed(lambda config=config, overrides=overrides:
-                                momos.compress(task.dense, config, overrides=overrides))
-        label = f"MoMos embeddings k={k_e}, matrices k={k_m}"
+        runs.append((f"MoMos embeddings k={k_e}, matrices k={k_m}",
+                     lambda config=config, overrides=overrides: momos.compress(task.dense, config,
+                                                                               overrides=overrides)))
+    for bits, embedding_bits in EMBEDDING_BITS:
+        config = momos.MoMosConfig(block_size=BLOCK_SIZE, bits_per_weight=bits, seed=seed)
+        runs.append((f"MoMos {bits:g} bits, embedding_bits={embedding_bits:g}",
+                     lambda config=config, embedding_bits=embedding_bits:
+                     momos.compress(task.dense, config, embedding_bits=embedding_bits)))
+    for label, run in runs:
+        packed, seconds = timed(run)
         rows.append(_scored(task, seed, f"{label}, one-shot", packed, packed_size(packed), seconds, log))
         model, more = timed(lambda packed=packed: calibrated(task, packed))
         seconds += more
