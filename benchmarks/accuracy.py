@@ -63,7 +63,7 @@ MOMOS_BITS = (2, 3, 4)
 # (k of each Embedding's own bank, k of the matrices' bank) that models with embeddings (MiniLM) also run.
 EMBEDDING_SPLITS = [(256, 16384)]
 # (bits_per_weight, embedding_bits) of `momos.compress`'s own split that models with embeddings also run.
-EMBEDDING_BITS = [(3.0, 2.1)]
+EMBEDDING_BITS = [(3.0, 2.1), (4.0, 3.1)]
 INT_BITS = (4, 3, 2)
 PALETTE_SIZES = (16, 8, 4)
 BLOCK_SIZE = 4
