@@ -301,7 +301,8 @@ def _split_budget(model: nn.Module, config: MoMosConfig, include: Iterable[Any] 
                   exclude: Iterable[Any] | None, overrides: Mapping[Any, MoMosConfig | None] | None,
                   embedding_bits: float) -> tuple[MoMosConfig, dict[Any, MoMosConfig | None]]:
     """`compress`'s `embedding_bits`: the config for the tensors that keep `config`, with the budget the embeddings
-    leave them, and the overrides that give each untied Embedding weight its own bank of `embedding_bits`."""
+    leave them, and the overrides that give each untied Embedding weight a bank of its own (the k that
+    `embedding_bits` buy the largest of them)."""
     b = embedding_bits
     if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0:
         raise MoMosConfigError(f"embedding_bits must be a positive number, got {b!r}")
