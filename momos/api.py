@@ -257,7 +257,7 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
     where that lowers the model's output error) and `finetune` of the motif tables: on labelled batches with
     `loss`, else by distillation from `teacher` (default: `model` itself, as given).
     Without `data`, a model with BatchNorm wants `momos.recalibrate_batchnorm(packed, inputs)` after this: its
-    statistics were measured on the dense weights (`finetune` re-estimates them itself).
+    statistics describe the dense weights (`finetune` re-estimates them itself).
 
     Args:
         model: the dense model; left unchanged.

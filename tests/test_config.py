@@ -86,7 +86,7 @@ def test_paper_preset_and_round_trip():
     assert (paper.block_size, paper.capacity, paper.motif_init, paper.mode, paper.targets) == \
         (2, 0.05, "random", "hard", "all")
     assert MoMosConfig.from_dict(paper.to_dict()) == paper
-    # the measured defaults (docs/accuracy.md); a file written before `targets` existed reads with the default
+    # the defaults (docs/accuracy.md has the study); a config dict without `targets` reads with the default
     default = MoMosConfig(capacity=0.05)
     assert (default.motif_init, default.targets) == ("kmeans", "matrices")
     old = {k: v for k, v in default.to_dict().items() if k != "targets"}

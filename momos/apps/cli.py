@@ -327,7 +327,7 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
 
     import momos
     from momos.apps.data import load_inputs
-    from momos.apps.train import evaluate, split_batches
+    from momos.apps.train import evaluate, held_out_batches, split_batches
 
     size = {"capacity": args.capacity} if args.capacity is not None else {"bits_per_weight": args.bits}
     config = momos.MoMosConfig(block_size=args.block_size, seed=args.seed, **size)
@@ -350,10 +350,7 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
     packed = momos.compress(model, config, embedding_bits=args.embedding_bits)
     tune = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "progress": console.progress}
     if labelled is not None:
-        order = torch.randperm(len(labelled.x_train), generator=torch.Generator().manual_seed(args.seed))
-        held_out = len(order) // 5
-        batches = [(labelled.x_train[b], labelled.y_train[b]) for b in split_batches(order[held_out:], 64)]
-        validation = [(labelled.x_train[b], labelled.y_train[b]) for b in split_batches(order[:held_out], 64)]
+        batches, validation = held_out_batches(labelled.x_train, labelled.y_train, args.seed)
         console.log("re-assigning the Linear and Conv weights' blocks by their output error on the training inputs")
         momos.calibrate(packed, model, [x for x, _ in batches + validation])
         accuracy["momos_before_finetune"] = evaluate(packed, labelled.x_test, labelled.y_test)

@@ -29,7 +29,7 @@ from momos.apps import plots
 from momos.apps.data import Dataset, digits
 from momos.apps.jsonio import write_json
 from momos.apps.models import MODELS, build
-from momos.apps.train import History, evaluate, fit, split_batches
+from momos.apps.train import History, evaluate, fit, held_out_batches
 from momos.config import MoMosConfig
 from momos.errors import MoMosConfigError, MoMosError
 from momos.export import to_onnx
@@ -168,10 +168,7 @@ def train_demo_models(*, epochs: int, seed: int = 0, block_size: int = 4, capaci
     log(f"the recommended path: compressing the dense MLP to {bits_per_weight} bits per weight, calibrating, then "
         f"up to {finetune_epochs} epochs of motif fine-tuning")
     packed = compress(dense, recommended)
-    order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed))
-    held_out = len(order) // 5
-    batches = [(data.x_train[b], data.y_train[b]) for b in split_batches(order[held_out:], 64)]
-    validation = [(data.x_train[b], data.y_train[b]) for b in split_batches(order[:held_out], 64)]
+    batches, validation = held_out_batches(data.x_train, data.y_train, seed)
     if calibrated:
         calibrate(packed, dense, [x for x, _ in batches + validation])
     accuracy = [evaluate(packed, data.x_test, data.y_test)]

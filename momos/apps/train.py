@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from momos.apps.data import Dataset
 from momos.errors import MoMosConfigError
 
-__all__ = ["OPTIMIZERS", "EpochRecord", "History", "evaluate", "fit", "make_optimizer", "split_batches", "train_step"]
+__all__ = ["OPTIMIZERS", "EpochRecord", "History", "evaluate", "fit",
+           "make_optimizer", "held_out_batches", "split_batches", "train_step"]
 
 OPTIMIZERS = ("adamw", "sgd")
 
@@ -66,6 +67,15 @@ def split_batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches[-2:] = [torch.cat(batches[-2:])]
     return batches
+
+
+def held_out_batches(x: torch.Tensor, y: torch.Tensor, seed: int, *, batch_size: int = 64,
+                     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``(train, validation)`` labelled batches: a seeded fifth of the samples held out for validation."""
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    held_out = len(order) // 5
+    return ([(x[b], y[b]) for b in split_batches(order[held_out:], batch_size)],
+            [(x[b], y[b]) for b in split_batches(order[:held_out], batch_size)])
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,

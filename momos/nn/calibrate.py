@@ -249,8 +249,8 @@ class _ModelError:
     """The mean squared distance of `packed`'s outputs to `dense`'s on fixed batches; whether a change lowered it.
 
     Both models run in eval mode, except that their BatchNorm layers normalise by each batch's own statistics
-    (their running statistics are left as they were): the packed model's running statistics were measured on
-    the dense weights, and comparing through them would judge a re-assignment by how stale they are.
+    (their running statistics are left as they were): the packed model's running statistics describe the
+    dense weights, and comparing through them would judge a re-assignment by how stale they are.
     """
 
     def __init__(self, packed: nn.Module, dense: nn.Module, batches: list[Any]) -> None:

@@ -69,7 +69,7 @@ def finetune(model: nn.Module, batches: Iterable[Any], *, teacher: nn.Module | N
         seed: seeds torch's random stream for the run (dropout), so equal inputs give equal results.
         progress: show a progress bar.
         on_epoch: called as ``on_epoch(epoch, mean_loss)`` after each epoch (from 1), e.g. to evaluate.
-        validation: held-out batches, of the same kind as `batches`: the loss on them is measured (in eval mode)
+        validation: held-out batches, of the same kind as `batches`: the loss on them is computed (in eval mode)
             before training and after each epoch, and the model keeps the weights of the epoch where it was
             lowest (0: as it came, if no epoch improved on it).
 
