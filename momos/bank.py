@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from momos.blocks import num_blocks, to_blocks
-from momos.errors import MoMosConfigError
+from momos.errors import MoMosConfigError, MoMosValueError
 from momos.search.assign import MotifSearch
 
 __all__ = ["KMEANS_POINTS_PER_MOTIF", "block_chunks", "draw_without_replacement", "gather_blocks", "kmeans_motifs",
@@ -91,7 +91,7 @@ def sample_motifs(tensors: Sequence[torch.Tensor], block_size: int, num_motifs: 
 
 def kmeans_motifs(tensors: Sequence[torch.Tensor], block_size: int, motifs: torch.Tensor, *, iterations: int,
                   force_zero: bool, generator: torch.Generator | None = None,
-                  points_per_motif: int = KMEANS_POINTS_PER_MOTIF) -> torch.Tensor:
+                  points_per_motif: int = KMEANS_POINTS_PER_MOTIF, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Lloyd iterations from `motifs`; an emptied cluster keeps its motif, a forced zero motif stays zero. Stops
     early once the motifs stop changing.
 
@@ -105,27 +105,42 @@ def kmeans_motifs(tensors: Sequence[torch.Tensor], block_size: int, motifs: torc
         points_per_motif: where the tensors hold more blocks than this many per motif, the iterations run over
             a uniform sample of that many blocks per motif (drawn without replacement, once), as faiss's k-means
             does: the centroids move as on all blocks up to sampling noise, at a fraction of the searches.
+        weights: one finite weight >= 0 per block of the concatenated tensors: a block counts that many times
+            in its motif's mean (a cluster of zero weight keeps its motif). None: every block counts once.
 
     Returns:
         The refined ``(k, s)`` motifs, in the dtype of `motifs`.
     """
     motifs = motifs.clone()
     m = sum(num_blocks(t.numel(), block_size) for t in tensors)
+    if weights is not None:
+        weights = weights.detach().cpu().to(torch.float64).reshape(-1)
+        if weights.numel() != m or not torch.isfinite(weights).all() or bool((weights < 0).any()):
+            raise MoMosValueError(f"weights must be {m} finite values >= 0, one per block; got {weights.numel()} "
+                                  "values, or a negative or non-finite one")
     sample = points_per_motif * motifs.shape[0]
     if m > sample:
         if generator is None:
             raise MoMosConfigError(f"kmeans_motifs needs a generator to sample {sample} of the {m} blocks")
         rows = draw_without_replacement(m, sample, generator).sort().values
         tensors, m = [gather_blocks(tensors, block_size, rows)], sample
+        weights = None if weights is None else weights[rows]
     for _ in range(iterations):
         search = MotifSearch(motifs, num_queries=m)
         counts = torch.zeros(motifs.shape[0], dtype=torch.float64)
         sums = torch.zeros(motifs.shape, dtype=torch.float64)
+        seen = 0
         for blocks in block_chunks(tensors, block_size):
             blocks = blocks.cpu()  # the iterations run on the CPU, as the search does, whatever the tensors' device
             labels = search.nearest(blocks)
-            counts += torch.bincount(labels, minlength=motifs.shape[0])
-            sums.index_add_(0, labels, blocks.to(torch.float64))
+            if weights is None:
+                counts += torch.bincount(labels, minlength=motifs.shape[0])
+                sums.index_add_(0, labels, blocks.to(torch.float64))
+            else:
+                part = weights[seen:seen + blocks.shape[0]]
+                counts.index_add_(0, labels, part)
+                sums.index_add_(0, labels, blocks.to(torch.float64) * part.unsqueeze(1))
+            seen += blocks.shape[0]
         filled = counts > 0
         if force_zero:
             filled[0] = False

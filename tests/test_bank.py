@@ -105,3 +105,31 @@ def test_kmeans_of_a_large_bank_runs_on_a_uniform_sample_of_its_blocks():
     assert distortion(sampled) < distortion(start) and distortion(sampled) < 1.05 * distortion(everything)
     with pytest.raises(momos.MoMosConfigError, match="generator"):
         kmeans_motifs(tensors, 4, start, iterations=1, force_zero=True, points_per_motif=50)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 1000), zero=st.booleans())
+def test_weighted_kmeans_equals_kmeans_over_blocks_repeated_by_their_weight(seed, zero):
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randn(60, 3, generator=g, dtype=torch.float64)
+    weights = torch.randint(0, 4, (60,), generator=g)
+    start = sample_motifs([blocks], 3, 7, force_zero=zero, generator=g)
+    weighted = kmeans_motifs([blocks], 3, start, iterations=4, force_zero=zero, weights=weights.float())
+    repeated = kmeans_motifs([blocks.repeat_interleave(weights, dim=0)], 3, start, iterations=4, force_zero=zero)
+    assert torch.allclose(weighted, repeated, atol=1e-9)
+
+
+def test_weighted_kmeans_samples_weights_with_their_blocks_and_refuses_bad_weights():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(900, 4, generator=g), torch.randn(1203, generator=g)]  # 1,201 blocks of 4
+    weights = torch.rand(1201, generator=g)
+    start = sample_motifs(tensors, 4, 10, force_zero=True, generator=g)
+    sampled = kmeans_motifs(tensors, 4, start, iterations=3, force_zero=True, points_per_motif=50,
+                            generator=torch.Generator().manual_seed(7), weights=weights)
+    rows = draw_without_replacement(1201, 500, torch.Generator().manual_seed(7)).sort().values
+    want = kmeans_motifs([gather_blocks(tensors, 4, rows)], 4, start, iterations=3, force_zero=True,
+                         weights=weights[rows])
+    assert torch.equal(sampled, want)
+    for bad in (weights[:-1], -weights, weights * float("nan")):
+        with pytest.raises(momos.MoMosValueError, match="weights"):
+            kmeans_motifs(tensors, 4, start, iterations=1, force_zero=True, weights=bad)
