@@ -6,8 +6,13 @@ output channel), the output error of a decoded weight Ŵ over calibration inputs
 vectors), the blocks are assigned a column block at a time, left to right; after each choice the weights not
 yet assigned absorb its error in the way that minimises that output error (an update through the Cholesky
 factor of ``H^-1``), and each choice itself minimises the error it adds in the metric ``H^-1`` induces on the
-block. The motif tables stay as they are: only the mosaics change, so a calibrated model packs, saves and
-exports like any other.
+block. The motif tables of these layers stay as they are: only their mosaics change.
+
+An embedding's rows are read one token at a time, so its output error over the calibration inputs is its weight
+error with each row counted as often as its token occurs. Where an embedding has a motif table of its own
+(`momos.compress(..., embedding_bits=...)`), the table is fit again by Lloyd iterations in that weighting and
+the blocks take their nearest motifs, so the motifs follow the tokens text uses rather than the whole vocabulary.
+Either way a calibrated model packs, saves and exports like any other.
 """
 
 from __future__ import annotations
@@ -21,16 +26,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from momos.bank import kmeans_motifs
+from momos.blocks import to_blocks
 from momos.errors import MoMosConfigError, MoMosStateError
 from momos.nn.finetune import _call, _output
-from momos.nn.packed import PackedTensor, members, tied_tensors
+from momos.nn.packed import PackedTensor, members, packed_tensors, tied_tensors
+from momos.search import nearest
 
-__all__ = ["CalibrationStats", "calibrate", "calibrated_mosaic", "input_hessians", "output_error", "patches"]
+__all__ = ["TOKEN_FLOOR", "CalibrationStats", "calibrate", "calibrated_mosaic", "calibrated_table", "input_hessians",
+           "lookup_counts", "lookup_error", "output_error", "patches"]
 
 # Column blocks whose error updates are collected before they are applied to the rest of the matrix.
 _LAZY_COLUMNS = 128
 # Entries of one (rows, k) distance matrix: small enough to stay in cache.
 _DISTANCES = 1 << 18
+# A token the calibration inputs never show still occurs in use: each embedding row's count is raised by this
+# many times the mean count before it weights the row. (A prior worth some ten readings of an average token.)
+TOKEN_FLOOR = 10.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,58 @@ def input_hessians(model: nn.Module, inputs: Iterable[Any], layers: dict[str, La
     return {name: sums[name] / counts[name] for name in layers if counts[name]}
 
 
+def lookup_counts(model: nn.Module, inputs: Iterable[Any], lookups: dict[str, nn.Embedding]) -> dict[str, torch.Tensor]:
+    """How often each row of each embedding in `lookups` is read while `model` runs on `inputs` (float64, one count
+    per row; padding rows count too). An embedding whose forward never ran is left out of the result."""
+    counts = {name: torch.zeros(lookup.num_embeddings, dtype=torch.float64) for name, lookup in lookups.items()}
+    ran: set[str] = set()
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            rows = args[0].detach().reshape(-1).cpu()
+            counts[name] += torch.bincount(rows, minlength=counts[name].numel()).to(torch.float64)
+            ran.add(name)
+        return record
+
+    handles = [lookup.register_forward_pre_hook(hook(name)) for name, lookup in lookups.items()]
+    seen = 0
+    try:
+        with torch.no_grad(), _eval(model):
+            for batch in inputs:
+                _call(model, batch)
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    if seen == 0:
+        raise MoMosConfigError("no calibration batch: give at least one batch of inputs")
+    return {name: counts[name] for name in lookups if name in ran}
+
+
+def calibrated_table(weight: torch.Tensor, motifs: torch.Tensor, row_weights: torch.Tensor, *, force_zero: bool,
+                     iterations: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Motifs and mosaic for an embedding weight ``(rows, dim)`` whose rows count as `row_weights`.
+
+    Lloyd iterations from `motifs` (`momos.bank.kmeans_motifs`, each block weighted as its row), then every block
+    takes its nearest motif: this lowers ``sum_r w_r ||W_r - Ŵ_r||^2``, the output error of a lookup whose row r
+    is read w_r times. Blocks must lie along the rows (``dim % s == 0``).
+
+    Returns:
+        The ``(k, s)`` motifs, in the dtype of `motifs`, and the int64 mosaic of ``weight.reshape(-1)``.
+    """
+    rows, dim = weight.shape
+    s = motifs.shape[1]
+    if dim % s:
+        raise MoMosStateError(f"calibrated tables need blocks along rows: embedding_dim={dim} is not a multiple of "
+                              f"block_size={s}")
+    weight = weight.detach().cpu()
+    start = motifs.detach().cpu().to(weight.dtype)
+    fitted = kmeans_motifs([weight], s, start, iterations=iterations, force_zero=force_zero, generator=generator,
+                           weights=row_weights.repeat_interleave(dim // s))
+    fitted = fitted.to(motifs.dtype)
+    return fitted, nearest(to_blocks(weight, s), fitted.to(weight.dtype))
+
+
 def patches(layer: Layer, x: torch.Tensor) -> torch.Tensor:
     """The rows a layer multiplies its flattened weight ``(out, -1)`` with: a Linear's inputs, a convolution's
     input patches (channel, then kernel positions, as the weight is laid out), one row per output position."""
@@ -105,7 +169,7 @@ def _unsupported(layer: nn.Module) -> str | None:
     if isinstance(layer, nn.Linear):
         return None
     if not isinstance(layer, (nn.Conv1d, nn.Conv2d)):
-        return "not a Linear or Conv1d / Conv2d weight of the dense model"
+        return "not a Linear, Conv1d / Conv2d or Embedding weight of the dense model"
     if layer.groups != 1:
         return f"a grouped convolution (groups={layer.groups})"
     if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
@@ -181,11 +245,21 @@ def output_error(weight: torch.Tensor, decoded: torch.Tensor, hessian: torch.Ten
     return float(((e @ hessian) * e).sum() / ((w @ hessian) * w).sum().clamp_min(1e-300))
 
 
+def lookup_error(weight: torch.Tensor, decoded: torch.Tensor, row_weights: torch.Tensor) -> float:
+    """``sum_r w_r ||E_r||^2 / sum_r w_r ||W_r||^2``: `output_error` of an embedding whose row r is read w_r times."""
+    w, e = weight.to(torch.float64).cpu(), (weight - decoded).to(torch.float64).cpu()
+    return float((row_weights * (e * e).sum(1)).sum() / (row_weights * (w * w).sum(1)).sum().clamp_min(1e-300))
+
+
 def calibrate(packed: nn.Module, dense: nn.Module, inputs: Iterable[Any], *, damping: float = 0.01,
               check_batches: int | None = 4, exclude: Iterable[str] = ()) -> CalibrationStats:
-    """Re-assign the mosaics of the packed Linear and Conv weights of `packed`, in place, by output error on `inputs`.
+    """Re-assign the mosaics of the packed Linear and Conv weights of `packed`, in place, by output error on `inputs`;
+    fit the tables of embeddings that have one of their own to the tokens `inputs` read.
 
-    Each Linear, Conv1d and Conv2d weight of `packed` (packed from the same-named parameter of `dense`) is offered
+    Each embedding weight with a motif table of its own comes first: its table is offered the motifs
+    `calibrated_table` fits with each row weighted by how often `inputs` read it (raised by `TOKEN_FLOOR` times
+    the mean count, so unread tokens still count), and its blocks their nearest motifs under them.
+    Then each Linear, Conv1d and Conv2d weight of `packed` (packed from the same-named parameter of `dense`) is offered
     the mosaic that `calibrated_mosaic` picks for `dense`'s weight under the same motif table, with H from the
     inputs the layer sees in `dense` (a convolution's: its input patches). The offer is taken, layer by layer in
     module order, only where it lowers the layer's output error on those inputs and, with `check_batches`, also
@@ -193,8 +267,9 @@ def calibrate(packed: nn.Module, dense: nn.Module, inputs: Iterable[Any], *, dam
     The second test matters: a layer's output error counts every token alike, and in a transformer a few tokens
     with very large activations can dominate H while the LayerNorm after the layer makes their errors matter
     little (BERT's feed-forward output layers are such).
-    A tensor is left as it is when it is not such a weight (or a grouped convolution, or one padded other than
-    with zeros by number), is tied to another name, or has rows not cut into whole blocks.
+    Every offer, an embedding's too, is taken only under both tests. A tensor is left as it is when it is not
+    such a weight (or a grouped convolution, or one padded other than with zeros by number; or an embedding that
+    shares its table), is tied to another name, or has rows not cut into whole blocks.
 
     Args:
         packed: a converted model (`momos.convert`, `momos.compress`).
@@ -203,7 +278,7 @@ def calibrate(packed: nn.Module, dense: nn.Module, inputs: Iterable[Any], *, dam
             `momos.finetune` takes them.
         damping: fraction of H's mean diagonal added to its diagonal (see `calibrated_mosaic`).
         check_batches: how many batches the whole-model test runs on (None: no whole-model test).
-        exclude: tensor names to leave with their nearest-motif mosaic.
+        exclude: tensor names to leave with their nearest-motif mosaic (and table).
 
     Returns:
         `CalibrationStats`.
@@ -217,12 +292,38 @@ def calibrate(packed: nn.Module, dense: nn.Module, inputs: Iterable[Any], *, dam
     if check_batches is not None and (isinstance(check_batches, bool) or not isinstance(check_batches, int)
                                       or check_batches < 1):
         raise MoMosConfigError(f"check_batches must be an integer >= 1 or None, got {check_batches!r}")
-    layers, skipped = _eligible(packed, dense, set(exclude))
-    hessians = input_hessians(dense, inputs, {name: owner for name, (owner, _) in layers.items()})
+    layers, lookups, skipped = _eligible(packed, dense, set(exclude))
+    hessians = input_hessians(dense, inputs, {name: owner for name, (owner, _) in layers.items()}) if layers else {}
+    counts = lookup_counts(dense, inputs, {name: owner for name, (owner, _) in lookups.items()}) if lookups else {}
     model_error = None
     if check_batches is not None:
         model_error = _ModelError(packed, dense, list(itertools.islice(inputs, check_batches)))
     before, after = {}, {}
+    for name, (owner, tensor) in lookups.items():
+        if name not in counts:
+            skipped[name] = "its embedding's forward never ran on the calibration inputs"
+            continue
+        weight, table = owner.weight.detach(), tensor.table
+        row_weights = counts[name] + TOKEN_FLOOR * float(counts[name].mean())
+        motifs, mosaic = calibrated_table(weight, table.motifs, row_weights, force_zero=table.config.force_zero,
+                                          iterations=max(1, table.config.kmeans_iters),
+                                          generator=torch.Generator().manual_seed(table.config.seed))
+        new = nn.functional.embedding(mosaic, motifs.to(weight.dtype)).reshape(weight.shape)
+        before[name] = after[name] = lookup_error(weight, tensor().detach(), row_weights)
+        if lookup_error(weight, new, row_weights) >= before[name]:
+            skipped[name] = "a table fit to its token counts did not lower the embedding's output error"
+            continue
+        old = table.motifs.detach().clone(), tensor.mosaic.clone()
+        with torch.no_grad():
+            table.motifs.copy_(motifs.to(table.motifs.device))
+        tensor.mosaic.copy_(mosaic.to(tensor.mosaic.device, tensor.mosaic.dtype))
+        if model_error is not None and not model_error.improved():
+            with torch.no_grad():
+                table.motifs.copy_(old[0])
+            tensor.mosaic.copy_(old[1])
+            skipped[name] = "a table fit to its token counts did not lower the model's output error"
+            continue
+        after[name] = lookup_error(weight, new, row_weights)
     for name, (owner, tensor) in layers.items():
         if name not in hessians:
             skipped[name] = "its layer's forward never ran on the calibration inputs"
@@ -300,13 +401,18 @@ def _eval(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _eligible(packed: nn.Module, dense: nn.Module,
-              excluded: set[str]) -> tuple[dict[str, tuple[Layer, PackedTensor]], dict[str, str]]:
-    """The packed weights `calibrate` can re-assign, each with its dense layer; and the rest, with why."""
+def _eligible(packed: nn.Module, dense: nn.Module, excluded: set[str]) \
+        -> tuple[dict[str, tuple[Layer, PackedTensor]], dict[str, tuple[nn.Embedding, PackedTensor]], dict[str, str]]:
+    """The packed weights `calibrate` can re-assign, each with its dense layer; the embeddings whose tables it can
+    fit again, each with its dense embedding; and the rest, with why."""
     tied = tied_tensors(packed)
     tied_names = set(tied) | set(tied.values())
     dense_modules = dict(dense.named_modules())
+    served: dict[int, int] = {}
+    for _, tensor in packed_tensors(packed):
+        served[id(tensor.table)] = served.get(id(tensor.table), 0) + 1
     layers: dict[str, tuple[Layer, PackedTensor]] = {}
+    lookups: dict[str, tuple[nn.Embedding, PackedTensor]] = {}
     skipped: dict[str, str] = {}
     for module_name, module in packed.named_modules():
         for tensor_name, tensor in members(module).items():
@@ -319,6 +425,14 @@ def _eligible(packed: nn.Module, dense: nn.Module,
             elif tensor_name != "weight" or owner is None or type(owner) is not module.__class__.__bases__[0] \
                     or getattr(owner, "weight", None) is None or owner.weight.shape != tensor.shape:
                 skipped[name] = "not the weight of the same layer in the dense model"
+            elif isinstance(owner, nn.Embedding):
+                if served[id(tensor.table)] > 1:
+                    skipped[name] = ("an embedding whose motif table serves other tensors too (give it a bank of its "
+                                     "own, e.g. compress(..., embedding_bits=...))")
+                elif owner.embedding_dim % tensor.table.block_size:
+                    skipped[name] = (f"its rows ({owner.embedding_dim} values) are not a multiple of the block size")
+                else:
+                    lookups[name] = (owner, tensor)
             elif _unsupported(owner) is not None:
                 skipped[name] = _unsupported(owner)
             elif _row_length(owner) % tensor.table.block_size:
@@ -326,6 +440,6 @@ def _eligible(packed: nn.Module, dense: nn.Module,
                                  f"a multiple of the block size")
             else:
                 layers[name] = (owner, tensor)
-    if not layers and not skipped:
+    if not layers and not lookups and not skipped:
         raise MoMosStateError("model has no packed MoMos tensor: calibrate a converted model")
-    return layers, skipped
+    return layers, lookups, skipped

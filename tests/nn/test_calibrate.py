@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SMALL_MODELS
+from conftest import SMALL_MODELS, SmallTransformer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import momos
 from momos import MoMosConfig, MoMosConfigError, MoMosStateError
-from momos.nn.calibrate import _batch_statistics, calibrated_mosaic, input_hessians, output_error, patches
+from momos.nn.calibrate import (
+    TOKEN_FLOOR,
+    _batch_statistics,
+    calibrated_mosaic,
+    calibrated_table,
+    input_hessians,
+    lookup_counts,
+    lookup_error,
+    output_error,
+    patches,
+)
 from momos.nn.packed import packed_tensors
 from momos.search import nearest
 
@@ -148,7 +158,7 @@ def test_calibrate_never_raises_the_model_error_and_says_what_it_left(name):
         assert "not a multiple of the block size" in stats.skipped["conv1.weight"]  # 1 channel x 3 x 3 = 9 values
         assert "conv2.weight" in stats.before  # 8 x 3 x 3 = 72
     if name == "transformer":
-        assert stats.skipped["embedding.weight"] == "not a Linear or Conv1d / Conv2d weight of the dense model"
+        assert stats.skipped["embedding.weight"].startswith("an embedding whose motif table serves other tensors")
         # nn.MultiheadAttention reads out_proj.weight itself: that Linear's forward never runs
         assert "never ran" in stats.skipped["encoder.self_attn.out_proj.weight"]
 
@@ -235,3 +245,56 @@ def test_calibrate_lowers_a_convolution_s_output_error():
     grouped = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Flatten()).eval()
     stats = momos.calibrate(momos.compress(grouped, MoMosConfig(block_size=2, num_motifs=8)), grouped, inputs)
     assert stats.skipped["0.weight"] == "a grouped convolution (groups=2)"
+
+
+def test_lookup_counts_count_every_row_read():
+    torch.manual_seed(0)
+    dense = SMALL_MODELS["transformer"][0]().eval()
+    inputs = [torch.randint(0, 40, (3, 6)), torch.randint(0, 20, (2, 4))]
+    counts = lookup_counts(dense, inputs, {"embedding": dense.embedding})["embedding"]
+    want = torch.bincount(torch.cat([x.reshape(-1) for x in inputs]), minlength=40).double()
+    assert torch.equal(counts, want)
+    assert lookup_counts(dense, inputs, {"head": nn.Embedding(3, 2)}) == {}  # a forward that never ran
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), rows=st.integers(2, 30), k=st.integers(1, 12), zero=st.booleans())
+def test_a_calibrated_table_never_has_a_larger_weighted_error_than_nearest_motifs(seed, rows, k, zero):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, 8, generator=g, dtype=torch.float64)
+    motifs = torch.randn(k, 4, generator=g, dtype=torch.float64)
+    if zero:
+        motifs[0] = 0
+    row_weights = torch.randint(0, 50, (rows,), generator=g).double() + 0.5
+    fitted, mosaic = calibrated_table(weight, motifs, row_weights, force_zero=zero, iterations=5,
+                                      generator=torch.Generator().manual_seed(0))
+    start = motifs[nearest(weight.reshape(-1, 4), motifs)].reshape(weight.shape)
+    got = fitted[mosaic].reshape(weight.shape)
+    assert torch.equal(mosaic, nearest(weight.reshape(-1, 4), fitted))  # every block on its nearest motif
+    assert lookup_error(weight, got, row_weights) <= lookup_error(weight, start, row_weights) + 1e-12
+    if zero:
+        assert torch.equal(fitted[0], torch.zeros(4, dtype=torch.float64))
+
+
+def test_an_embedding_with_a_table_of_its_own_is_fit_to_the_tokens_the_inputs_read(tmp_path):
+    torch.manual_seed(0)
+    dense = SmallTransformer(vocab=400).eval()
+    # text reads the first ten tokens of the 400 often and the rest never
+    inputs = [torch.randint(0, 10, (32, 6)) for _ in range(4)]
+    config = MoMosConfig(block_size=4, bits_per_weight=4.0)
+    packed = momos.compress(dense, config, embedding_bits=2.0)
+    before = _model_error(packed, dense, inputs)
+    stats = momos.calibrate(packed, dense, inputs)
+    assert "embedding.weight" in stats.before and "embedding.weight" not in stats.skipped
+    assert stats.after["embedding.weight"] < stats.before["embedding.weight"]
+    assert _model_error(packed, dense, inputs) < before
+    seen = packed.embedding.weight[:10] - dense.embedding.weight[:10]
+    nearest_packed = momos.compress(dense, config, embedding_bits=2.0)
+    assert seen.norm() < (nearest_packed.embedding.weight[:10] - dense.embedding.weight[:10]).norm()
+    counts = torch.bincount(torch.cat([x.reshape(-1) for x in inputs]), minlength=400).double()
+    row_weights = counts + TOKEN_FLOOR * counts.mean()
+    assert stats.after["embedding.weight"] == pytest.approx(
+        lookup_error(dense.embedding.weight.detach(), packed.embedding.weight.detach(), row_weights))
+    momos.save(packed, tmp_path / "t.momos")
+    loaded = momos.load(tmp_path / "t.momos", SmallTransformer(vocab=400))
+    torch.testing.assert_close(loaded(inputs[0]), packed(inputs[0]), rtol=0, atol=0)
