@@ -249,7 +249,8 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
              teacher: nn.Module | None = None, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
              include: Iterable[Any] | None = None, exclude: Iterable[Any] | None = None,
              overrides: Mapping[Any, MoMosConfig | None] | None = None, calibrate: bool = True,
-             embedding_bits: float | None = None, **finetune_args: Any) -> nn.Module:
+             embedding_bits: float | None = None, embedding_block_size: int | None = None,
+             **finetune_args: Any) -> nn.Module:
     """The recommended path for a trained or pretrained model: one projection, convert, then fine-tune the motifs.
 
     `prepare` (on a copy), one `refresh`, `convert`; then, when `data` is given, `momos.calibrate` (each Linear
@@ -270,6 +271,9 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
             many bits per weight buy the largest of them (capped at a tensor's blocks), and the other tensors of
             `config` the rest of `config.bits_per_weight`'s budget over all of them (a lookup row serves one
             token, a matrix every token; docs/accuracy.md measures the gain).
+        embedding_block_size: with `embedding_bits`, the embeddings' block size (default `config.block_size`).
+            A table of ``2^(B*s)`` motifs of s values costs little next to a large vocabulary, and longer blocks
+            at the same bits per weight cut the error (docs/accuracy.md); rows should be whole blocks.
         include, exclude, overrides: the selection, as in `prepare`; by default `config.targets`: the weight
             matrices (every trainable parameter with at least two dimensions), biases and norms left dense.
         **finetune_args: passed to `momos.finetune` (epochs, lr, distill, dense, progress, ...).
@@ -279,12 +283,20 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
 
     Raises:
         MoMosConfigError: `embedding_bits` without `config.bits_per_weight`, not a positive number, or leaving the
-            other tensors no budget; and what `prepare` and `finetune` raise.
+            other tensors no budget; `embedding_block_size` without `embedding_bits` or not a valid block size;
+            and what `prepare` and `finetune` raise.
         MoMosSelectionError: `embedding_bits` with no untied Embedding weight or no other tensor selected.
     """
     config = default_config() if config is None else config
+    if embedding_block_size is not None and (isinstance(embedding_block_size, bool)
+                                             or not isinstance(embedding_block_size, int) or embedding_block_size < 1):
+        raise MoMosConfigError(f"embedding_block_size must be an integer >= 1, got {embedding_block_size!r}")
+    if embedding_block_size is not None and embedding_bits is None:
+        raise MoMosConfigError(f"embedding_block_size={embedding_block_size!r} sets the block size of the banks "
+                               "embedding_bits gives the embeddings: give embedding_bits too")
     if embedding_bits is not None:
-        config, overrides = _split_budget(model, config, include, exclude, overrides, embedding_bits)
+        config, overrides = _split_budget(model, config, include, exclude, overrides, embedding_bits,
+                                          embedding_block_size)
     prepared = prepare(model, config, include=include, exclude=exclude, overrides=overrides)
     refresh(prepared)
     packed = convert(prepared, inplace=True)
@@ -299,7 +311,8 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
 
 def _split_budget(model: nn.Module, config: MoMosConfig, include: Iterable[Any] | None,
                   exclude: Iterable[Any] | None, overrides: Mapping[Any, MoMosConfig | None] | None,
-                  embedding_bits: float) -> tuple[MoMosConfig, dict[Any, MoMosConfig | None]]:
+                  embedding_bits: float,
+                  embedding_block_size: int | None = None) -> tuple[MoMosConfig, dict[Any, MoMosConfig | None]]:
     """`compress`'s `embedding_bits`: the config for the tensors that keep `config`, with the budget the embeddings
     leave them, and the overrides that give each untied Embedding weight a bank of its own (the k that
     `embedding_bits` buy the largest of them)."""
@@ -324,15 +337,17 @@ def _split_budget(model: nn.Module, config: MoMosConfig, include: Iterable[Any] 
     # every token) would otherwise get almost nothing, its motif table costing more than its indices.
     largest = max(lookups, key=lambda name: params[name].numel())
     numel = params[largest].numel()
-    k = config.replace(bits_per_weight=float(b)).num_motifs_for(num_blocks(numel, config.block_size), numel)
+    s = config.block_size if embedding_block_size is None else embedding_block_size
+    looked_up = config.replace(bits_per_weight=float(b), block_size=s)  # checks s as a block size
+    k = looked_up.num_motifs_for(num_blocks(numel, s), numel)
     if k - config.force_zero < 1:
         raise MoMosConfigError(f"embedding_bits={b!r} leaves tensor {largest!r} only the zero motif: give it more bits")
-    split = {name: config.replace(bits_per_weight=None, num_motifs=k, scope="tensor") for name in lookups}
+    split = {name: looked_up.replace(bits_per_weight=None, num_motifs=k, scope="tensor") for name in lookups}
     spent = 0
     for name in lookups:
-        blocks = num_blocks(params[name].numel(), config.block_size)
+        blocks = num_blocks(params[name].numel(), s)
         own = split[name].num_motifs_for(blocks)
-        spent += blocks * index_bits(own) + own * config.block_size * config.motif_bits
+        spent += blocks * index_bits(own) + own * s * config.motif_bits
     total = sum(params[name].numel() for name in lookups + rest)
     left = (config.bits_per_weight * total - spent) / sum(params[name].numel() for name in rest)
     if left <= 0:

@@ -464,3 +464,22 @@ def test_embedding_bits_give_every_embedding_the_largest_one_s_motifs():
     assert k["words.weight"] == config.replace(bits_per_weight=3.0).num_motifs_for(2000, 8000)
     assert k["types.weight"] == 8  # all of its 8 blocks: the table is exact
     assert report.bits_per_weight <= 4.0
+
+
+def test_embedding_block_size_gives_the_embeddings_longer_blocks_within_the_same_budget():
+    model = _embedding_model()
+    config = MoMosConfig(block_size=4, bits_per_weight=3.0)
+    packed = momos.compress(model, config, embedding_bits=2.0, embedding_block_size=8)
+    report = momos.report(packed)
+    tensors = {t.name: t for t in report.tensors}
+    assert tensors["0.weight"].block_size == 8 and tensors["1.weight"].block_size == 4
+    own = config.replace(bits_per_weight=2.0, block_size=8)
+    assert tensors["0.weight"].num_motifs == own.num_motifs_for(1000, 8000)
+    assert report.bits_per_weight <= 3.0
+    x = torch.randint(0, 500, (3, 5))
+    torch.testing.assert_close(packed[0](x), packed[0].weight[x])  # decodes like any other packed tensor
+    with pytest.raises(MoMosConfigError, match="embedding_block_size"):
+        momos.compress(model, config, embedding_block_size=8)
+    for bad in (0, 2.5, True):
+        with pytest.raises(MoMosConfigError, match="embedding_block_size"):
+            momos.compress(model, config, embedding_bits=2.0, embedding_block_size=bad)
