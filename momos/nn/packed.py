@@ -75,22 +75,35 @@ class MotifTable(nn.Module):
         """Whether the motifs are a parameter (see `train_motifs`) rather than a buffer."""
         return isinstance(self.motifs, nn.Parameter)
 
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype the table is stored in (its config's `motif_dtype`), whatever precision it trains in."""
+        return getattr(torch, self.config.motif_dtype)
+
     def set_trainable(self, trainable: bool) -> None:
-        """Make the motifs a trainable parameter, or a buffer again; their values and state-dict key stay."""
+        """Make the motifs a trainable parameter, or a buffer again; their state-dict key stays.
+
+        A float16 or bfloat16 table trains as a float32 copy and is rounded back to its dtype when it becomes a
+        buffer again: optimizers step low-precision parameters badly (AdamW's epsilon of 1e-8 is zero in float16,
+        and an update smaller than the spacing of float16 values is lost), so fine-tuned tables would turn NaN or
+        stay put. Other tables keep their values and dtype.
+        """
         if trainable == self.trainable:
             return
         motifs = self.motifs.detach()
         delattr(self, "motifs")
         if trainable:
-            self.motifs = nn.Parameter(motifs)
+            self.motifs = nn.Parameter(motifs.float() if motifs.dtype in (torch.float16, torch.bfloat16) else motifs)
         else:
-            self.register_buffer("motifs", motifs)
+            self.register_buffer("motifs", motifs.to(self.stored_dtype))
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MotifTable:
         """Moves and casts of the model; a cast (``.half()``, ``.double()``) casts the motifs, and the config's
         motif dtype follows them, so a file saved afterwards describes what it stores."""
+        before = self.motifs.dtype
         super()._apply(fn, recurse)
-        self.config = follow_dtype(self.config, self.motifs)
+        if self.motifs.dtype != before:  # a cast, not a move (a training float16 table is float32 until frozen)
+            self.config = follow_dtype(self.config, self.motifs)
         return self
 
     def decoding_table(self) -> torch.Tensor:

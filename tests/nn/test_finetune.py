@@ -171,3 +171,28 @@ def test_validation_keeps_the_epoch_with_the_lowest_held_out_loss():
     assert kept == pytest.approx(stats.validation_losses[stats.best_epoch], rel=1e-6)
     with pytest.raises(MoMosConfigError, match="validation is empty"):
         momos.finetune(twin, train, loss=nn.functional.cross_entropy, progress=False, validation=[])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_low_precision_table_trains_in_float32_and_is_stored_rounded(dtype, tmp_path):
+    """AdamW on a float16 parameter divides by an epsilon that float16 rounds to zero: the table must train as a
+    float32 copy, and what is kept, decoded and saved afterwards is that copy rounded to the table's dtype."""
+    dense, batches = _task()
+    config = MoMosConfig(block_size=4, num_motifs=16, motif_init="kmeans", motif_dtype=dtype)
+    packed = momos.compress(dense, config)
+    before = {id(t): t.motifs.clone() for t in motif_tables(packed)}
+    stats = momos.finetune(packed, [x for x, _ in batches], teacher=dense, epochs=2, lr=1e-2, progress=False)
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in stats.epoch_losses)
+    for table in motif_tables(packed):
+        assert table.motifs.dtype == getattr(torch, dtype) and not table.trainable
+        assert table.config.motif_dtype == dtype
+        assert not torch.equal(table.motifs, before[id(table)])  # the updates were not lost to rounding
+    trained = momos.nn.packed.train_motifs(packed)
+    assert all(p.dtype == torch.float32 for p in trained)
+    packed.to("cpu")  # a move is not a cast: the table keeps its stored dtype
+    assert all(t.config.motif_dtype == dtype for t in motif_tables(packed))
+    momos.save(packed, tmp_path / "t.momos")  # saved mid-training: the rounded table
+    momos.nn.packed.freeze_motifs(packed)
+    loaded = momos.load(tmp_path / "t.momos", SMALL_MODELS["mlp"][0]())
+    x = batches[0][0]
+    torch.testing.assert_close(loaded(x), packed(x), rtol=0, atol=0)
