@@ -330,7 +330,12 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
     from momos.apps.train import evaluate, held_out_batches, split_batches
 
     size = {"capacity": args.capacity} if args.capacity is not None else {"bits_per_weight": args.bits}
-    config = momos.MoMosConfig(block_size=args.block_size, seed=args.seed, **size)
+    if args.embedding_bits is not None and args.capacity is not None:
+        raise UsageError("--embedding-bits splits a --bits budget; it does not go with --capacity")
+    if args.embedding_block_size is not None and args.embedding_bits is None:
+        raise UsageError("--embedding-block-size sets the block size of the banks --embedding-bits gives the "
+                         "embeddings: give --embedding-bits too")
+    config = momos.MoMosConfig(block_size=args.block_size, seed=args.seed, motif_dtype=args.motif_dtype, **size)
     labelled = load_data(args.finetune, args.seed)[0] if args.finetune else None
     if args.calibrate:
         try:
@@ -345,9 +350,8 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
     if labelled is not None:
         accuracy["dense"] = evaluate(model, labelled.x_test, labelled.y_test)
     console.log("projecting the weight matrices onto a mosaic of motifs")
-    if args.embedding_bits is not None and args.capacity is not None:
-        raise UsageError("--embedding-bits splits a --bits budget; it does not go with --capacity")
-    packed = momos.compress(model, config, embedding_bits=args.embedding_bits)
+    packed = momos.compress(model, config, embedding_bits=args.embedding_bits,
+                            embedding_block_size=args.embedding_block_size)
     tune = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed, "progress": console.progress}
     if labelled is not None:
         batches, validation = held_out_batches(labelled.x_train, labelled.y_train, args.seed)
@@ -580,6 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-bits", type=_positive_float, default=None, metavar="B",
                    help="give each nn.Embedding weight a bank of its own within B bits per weight, and the other "
                         "matrices the rest of the --bits budget (not with --capacity)")
+    p.add_argument("--embedding-block-size", type=_block_size, default=None, metavar="S",
+                   help="with --embedding-bits, the embeddings' block size (default: --block-size)")
+    p.add_argument("--motif-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="the motif tables' dtype: float16 halves their bits, leaving more motifs within --bits "
+                        "(default: float32)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--finetune", type=_existing_file, metavar="DATA.npz",
                       help="fine-tune the motifs on this .npz (arrays X and y; 80/20 split), reporting test accuracy")

@@ -315,6 +315,18 @@ def test_compress_embedding_bits_splits_the_bits_budget(user_files: Path) -> Non
     refused = run("compress", "--model", "usermodel:tokens", "--weights", "tokens.pt", "--capacity", "0.1",
                   "--embedding-bits", "2", "-o", "no.momos", cwd=d)
     assert refused.returncode == 2 and "--embedding-bits" in refused.stderr
+    longer = run("compress", "--model", "usermodel:tokens", "--weights", "tokens.pt", "--bits", "3",
+                 "--embedding-bits", "2", "--embedding-block-size", "8", "--motif-dtype", "float16",
+                 "-o", "longer.momos", "--json", cwd=d)
+    assert longer.returncode == 0, longer.stderr
+    report = json.loads(longer.stdout)["report"]
+    tensors = {t["name"]: t for t in report["tensors"]}
+    assert tensors["0.weight"]["block_size"] == 8 and tensors["1.weight"]["block_size"] == 4
+    assert report["total"]["bits_per_weight"] <= 3.0
+    assert {b.motif_dtype for b in momos.inspect(d / "longer.momos").banks} == {"float16"}
+    alone = run("compress", "--model", "usermodel:tokens", "--weights", "tokens.pt", "--embedding-block-size", "8",
+                "-o", "no.momos", cwd=d)
+    assert alone.returncode == 2 and "--embedding-bits" in alone.stderr
     no_embedding = run("compress", "--model", "usermodel:small", "--weights", "weights.pt", "--embedding-bits", "2",
                        "-o", "no.momos", cwd=d)
     assert no_embedding.returncode == 2 and "no untied nn.Embedding" in no_embedding.stderr
