@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,14 +69,25 @@ def input_hessians(model: nn.Module, inputs: Iterable[Any], layers: dict[str, La
             for name, layer in layers.items()}
     counts = dict.fromkeys(layers, 0)
 
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            x = patches(module, args[0].detach()).to(torch.float64)
-            sums[name] = sums[name].to(x.device).addmm_(x.T, x)
-            counts[name] += x.shape[0]
-        return record
+    def record(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        x = patches(module, x).to(torch.float64)
+        sums[name] = sums[name].to(x.device).addmm_(x.T, x)
+        counts[name] += x.shape[0]
 
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    _watch_inputs(model, inputs, layers, record)
+    return {name: sums[name] / counts[name] for name in layers if counts[name]}
+
+
+def _watch_inputs(model: nn.Module, inputs: Iterable[Any], modules: Mapping[str, nn.Module],
+                  record: Callable[[str, nn.Module, torch.Tensor], None]) -> None:
+    """Run `model` (eval mode, no grad) on every batch of `inputs`, calling ``record(name, module, x)`` with the
+    first input x of each call of each module in `modules`."""
+    def hook(name: str):
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            record(name, module, args[0].detach())
+        return pre_hook
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in modules.items()]
     seen = 0
     try:
         with torch.no_grad(), _eval(model):
@@ -88,7 +99,6 @@ def input_hessians(model: nn.Module, inputs: Iterable[Any], layers: dict[str, La
             handle.remove()
     if seen == 0:
         raise MoMosConfigError("no calibration batch: give at least one batch of inputs")
-    return {name: sums[name] / counts[name] for name in layers if counts[name]}
 
 
 def lookup_counts(model: nn.Module, inputs: Iterable[Any], lookups: dict[str, nn.Embedding]) -> dict[str, torch.Tensor]:
@@ -97,25 +107,11 @@ def lookup_counts(model: nn.Module, inputs: Iterable[Any], lookups: dict[str, nn
     counts = {name: torch.zeros(lookup.num_embeddings, dtype=torch.float64) for name, lookup in lookups.items()}
     ran: set[str] = set()
 
-    def hook(name: str):
-        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
-            rows = args[0].detach().reshape(-1).cpu()
-            counts[name] += torch.bincount(rows, minlength=counts[name].numel()).to(torch.float64)
-            ran.add(name)
-        return record
+    def record(name: str, module: nn.Module, rows: torch.Tensor) -> None:
+        counts[name] += torch.bincount(rows.reshape(-1).cpu(), minlength=counts[name].numel()).to(torch.float64)
+        ran.add(name)
 
-    handles = [lookup.register_forward_pre_hook(hook(name)) for name, lookup in lookups.items()]
-    seen = 0
-    try:
-        with torch.no_grad(), _eval(model):
-            for batch in inputs:
-                _call(model, batch)
-                seen += 1
-    finally:
-        for handle in handles:
-            handle.remove()
-    if seen == 0:
-        raise MoMosConfigError("no calibration batch: give at least one batch of inputs")
+    _watch_inputs(model, inputs, lookups, record)
     return {name: counts[name] for name in lookups if name in ran}
 
 
