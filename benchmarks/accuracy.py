@@ -400,7 +400,8 @@ def docstrings(module: Any) -> list[str]:
     return texts
 
 
-def calibration_sentences(count: int) -> list[str]:
+def calibration_sentences(count: int | None) -> list[str]:
+    """`count` sentences (None: all of them) of the standard library's docstrings, in a fixed random order."""
     import importlib
 
     texts = [t for name in CALIBRATION_MODULES for t in docstrings(importlib.import_module(name))]
@@ -445,7 +446,8 @@ def minilm_rows(seed: int, calibration: int, evaluation: int, finetune_epochs: i
     tokenizer = AutoTokenizer.from_pretrained(path)
     dense = SentenceEncoder(AutoModel.from_pretrained(path, add_pooling_layer=False)).eval()
     calib = calibration_sentences(calibration)
-    held_out = evaluation_sentences(evaluation, set(calib))
+    # every sentence calibration could draw is kept out, so the held-out set is the same whatever --calibration is
+    held_out = evaluation_sentences(evaluation, set(calibration_sentences(None)))
     log(f"  minilm: {len(calib)} calibration sentences (standard-library docstrings), {len(held_out)} held-out "
         f"(numpy docstrings)")
 
