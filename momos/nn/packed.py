@@ -297,6 +297,7 @@ def train_motifs(model: nn.Module, *, dense: bool = False) -> list[nn.Parameter]
     The mosaics stay fixed, so the model stays a packed model that saves, loads and exports unchanged; a motif's
     gradient is the sum of the gradients of the blocks that use it, and a forced zero motif stays exactly zero.
     Every other parameter of `model` gets ``requires_grad=dense``. `freeze_motifs` undoes the change of the tables.
+    A float16 or bfloat16 table trains as a float32 copy and is rounded back when frozen (`MotifTable.set_trainable`).
 
     Args:
         model: a converted model (`momos.convert` or `momos.load`).
