@@ -63,10 +63,9 @@ MOMOS_BITS = (2, 3, 4)
 # (k of each Embedding's own bank, k of the matrices' bank) that models with embeddings (MiniLM) also run.
 EMBEDDING_SPLITS = [(256, 16384)]
 # `momos.compress`'s own split that models with embeddings also run, as (label, config fields, compress
-# arguments). The budgets hold over every parameter of MiniLM, its float32 biases and norms included (they add
-# 0.039 bits per parameter): 2.96 and 4.06 bits per compressed weight are 2.99 and 4.10 over all parameters.
-# float16 motif tables leave the matrices' large bank room for more motifs; at about 2 bits per weight the word
-# table's 4,096 motifs of s=6 cost little and cut its error below that of 256 motifs of s=4.
+# arguments). bits_per_weight sits below the label so that the budget holds over every parameter, the dense
+# biases and norms included; float16 tables leave the matrices' large bank room for more motifs, and the
+# embeddings take longer blocks where their table stays cheap (docs/accuracy.md, "Moving bits").
 EMBEDDING_BITS = [("3 bits", {"bits_per_weight": 2.96, "motif_dtype": "float16"},
                    {"embedding_bits": 2.04, "embedding_block_size": 6}),
                   ("4 bits", {"bits_per_weight": 4.06, "motif_dtype": "float16"}, {"embedding_bits": 3.5})]

@@ -41,7 +41,7 @@ _LAZY_COLUMNS = 128
 # Entries of one (rows, k) distance matrix: small enough to stay in cache.
 _DISTANCES = 1 << 18
 # A token the calibration inputs never show still occurs in use: each embedding row's count is raised by this
-# many times the mean count before it weights the row. (A prior worth some ten readings of an average token.)
+# many times the mean count before it weights the row.
 TOKEN_FLOOR = 10.0
 
 
@@ -294,51 +294,53 @@ def calibrate(packed: nn.Module, dense: nn.Module, inputs: Iterable[Any], *, dam
     model_error = None
     if check_batches is not None:
         model_error = _ModelError(packed, dense, list(itertools.islice(inputs, check_batches)))
-    before, after = {}, {}
+    before: dict[str, float] = {}
+    after: dict[str, float] = {}
+
+    def offer(name: str, tensor: PackedTensor, motifs: torch.Tensor | None, mosaic: torch.Tensor,
+              error: Callable[[torch.Tensor], float], what: str, of: str) -> None:
+        """Give `tensor` the mosaic (and, unless None, the motif table) offered, if that lowers `error` of its
+        decoded weight and the model's output error; else leave it and say why in `skipped`."""
+        table = tensor.table
+        decoded = nn.functional.embedding(mosaic, (table.motifs if motifs is None else motifs).detach().to(
+            tensor.dtype)).reshape(tensor.shape)
+        before[name] = after[name] = error(tensor().detach())
+        if error(decoded) >= before[name]:
+            skipped[name] = f"{what} did not lower the {of}'s output error"
+            return
+        old = table.motifs.detach().clone() if motifs is not None else None, tensor.mosaic.clone()
+        with torch.no_grad():
+            if motifs is not None:
+                table.motifs.copy_(motifs.to(table.motifs.device))
+            tensor.mosaic.copy_(mosaic.to(tensor.mosaic.device, tensor.mosaic.dtype))
+            if model_error is not None and not model_error.improved():
+                if old[0] is not None:
+                    table.motifs.copy_(old[0])
+                tensor.mosaic.copy_(old[1])
+                skipped[name] = f"{what} did not lower the model's output error"
+                return
+        after[name] = error(decoded)
+
     for name, (owner, tensor) in lookups.items():
         if name not in counts:
             skipped[name] = "its embedding's forward never ran on the calibration inputs"
             continue
-        weight, table = owner.weight.detach(), tensor.table
+        weight, config = owner.weight.detach(), tensor.table.config
         row_weights = counts[name] + TOKEN_FLOOR * float(counts[name].mean())
-        motifs, mosaic = calibrated_table(weight, table.motifs, row_weights, force_zero=table.config.force_zero,
-                                          iterations=max(1, table.config.kmeans_iters),
-                                          generator=torch.Generator().manual_seed(table.config.seed))
-        new = nn.functional.embedding(mosaic, motifs.to(weight.dtype)).reshape(weight.shape)
-        before[name] = after[name] = lookup_error(weight, tensor().detach(), row_weights)
-        if lookup_error(weight, new, row_weights) >= before[name]:
-            skipped[name] = "a table fit to its token counts did not lower the embedding's output error"
-            continue
-        old = table.motifs.detach().clone(), tensor.mosaic.clone()
-        with torch.no_grad():
-            table.motifs.copy_(motifs.to(table.motifs.device))
-        tensor.mosaic.copy_(mosaic.to(tensor.mosaic.device, tensor.mosaic.dtype))
-        if model_error is not None and not model_error.improved():
-            with torch.no_grad():
-                table.motifs.copy_(old[0])
-            tensor.mosaic.copy_(old[1])
-            skipped[name] = "a table fit to its token counts did not lower the model's output error"
-            continue
-        after[name] = lookup_error(weight, new, row_weights)
+        motifs, mosaic = calibrated_table(weight, tensor.table.motifs, row_weights, force_zero=config.force_zero,
+                                          iterations=max(1, config.kmeans_iters),
+                                          generator=torch.Generator().manual_seed(config.seed))
+        offer(name, tensor, motifs, mosaic, lambda decoded, w=weight, r=row_weights: lookup_error(w, decoded, r),
+              "a table fit to its token counts", "embedding")
     for name, (owner, tensor) in layers.items():
         if name not in hessians:
             skipped[name] = "its layer's forward never ran on the calibration inputs"
             continue
         weight, h = owner.weight.detach().flatten(1), hessians[name].to(owner.weight.device)
-        motifs = tensor.table.motifs.detach()
-        mosaic = calibrated_mosaic(weight.cpu(), motifs.cpu(), h.cpu(), damping=damping).to(tensor.mosaic.device)
-        new = nn.functional.embedding(mosaic, motifs.to(weight.dtype)).reshape(weight.shape)
-        before[name] = after[name] = output_error(weight, tensor().detach().flatten(1), h)
-        if output_error(weight, new, h) >= before[name]:
-            skipped[name] = "calibrated assignment did not lower the layer's output error"
-            continue
-        old = tensor.mosaic.clone()
-        tensor.mosaic.copy_(mosaic.to(tensor.mosaic.dtype))
-        if model_error is not None and not model_error.improved():
-            tensor.mosaic.copy_(old)
-            skipped[name] = "calibrated assignment did not lower the model's output error"
-            continue
-        after[name] = output_error(weight, new, h)
+        mosaic = calibrated_mosaic(weight.cpu(), tensor.table.motifs.detach().cpu(), h.cpu(), damping=damping)
+        offer(name, tensor, None, mosaic.to(tensor.mosaic.device),
+              lambda decoded, w=weight, h=h: output_error(w, decoded.flatten(1), h),
+              "calibrated assignment", "layer")
     return CalibrationStats(before, after, skipped)
 
 
