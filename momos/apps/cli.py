@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from momos.config import MOTIF_DTYPES
 from momos.errors import MoMosConfigError, MoMosError, MoMosSelectionError, dependency_error
 
 __all__ = ["DEMO_EPOCHS", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "MAX_BLOCK_SIZE", "main"]
@@ -586,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "matrices the rest of the --bits budget (not with --capacity)")
     p.add_argument("--embedding-block-size", type=_block_size, default=None, metavar="S",
                    help="with --embedding-bits, the embeddings' block size (default: --block-size)")
-    p.add_argument("--motif-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+    p.add_argument("--motif-dtype", choices=tuple(MOTIF_DTYPES), default="float32",
                    help="the motif tables' dtype: float16 halves their bits, leaving more motifs within --bits "
                         "(default: float32)")
     data = p.add_mutually_exclusive_group()
