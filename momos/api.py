@@ -249,7 +249,7 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
              teacher: nn.Module | None = None, loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
              include: Iterable[Any] | None = None, exclude: Iterable[Any] | None = None,
              overrides: Mapping[Any, MoMosConfig | None] | None = None, calibrate: bool = True,
-             embedding_bits: float | None = None, embedding_block_size: int | None = None,
+             embedding_bits: float | str | None = "auto", embedding_block_size: int | None = None,
              **finetune_args: Any) -> nn.Module:
     """The recommended path for a trained or pretrained model: one projection, convert, then fine-tune the motifs.
 
@@ -269,11 +269,16 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
         calibrate: with `data`, re-assign the Linear and Conv weights' blocks by output error before fine-tuning.
         embedding_bits: give each selected, untied `nn.Embedding` weight a bank of its own, with the motifs this
             many bits per weight buy the largest of them (capped at a tensor's blocks), and the other tensors of
-            `config` the rest of `config.bits_per_weight`'s budget over all of them (a lookup row serves one
-            token, a matrix every token; docs/accuracy.md measures the gain).
-        embedding_block_size: with `embedding_bits`, the embeddings' block size (default `config.block_size`).
-            A table of ``2^(B*s)`` motifs of s values costs little next to a large vocabulary, and longer blocks
-            at the same bits per weight cut the error (docs/accuracy.md); rows should be whole blocks.
+            `config` the rest of `config.bits_per_weight`'s budget over all of them: a lookup row serves one
+            token, a matrix every token. ``"auto"`` (the default), where `config` has a `bits_per_weight`
+            budget and the selection holds both kinds: the first whole index width at or above one bit per
+            weight below the budget, at the block size (the config's or a longer one) that gets nearest, with a
+            table of at most 5% of the mosaic's bits (`EMBEDDING_BITS_BELOW` and the rule beside it); otherwise,
+            or where no table is that cheap (a small vocabulary), one bank. None: one bank. docs/accuracy.md
+            measures the gain.
+        embedding_block_size: the embeddings' block size when they have banks of their own (default: with a
+            number `embedding_bits`, `config.block_size`; with ``"auto"``, as above: longer blocks at the same
+            bits per weight cut the error, and their table costs little next to a large vocabulary).
         include, exclude, overrides: the selection, as in `prepare`; by default `config.targets`: the weight
             matrices (every trainable parameter with at least two dimensions), biases and norms left dense.
         **finetune_args: passed to `momos.finetune` (epochs, lr, distill, dense, progress, ...).
@@ -282,10 +287,11 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
         The packed model.
 
     Raises:
-        MoMosConfigError: `embedding_bits` without `config.bits_per_weight`, not a positive number, or leaving the
-            other tensors no budget; `embedding_block_size` without `embedding_bits` or not a valid block size;
-            and what `prepare` and `finetune` raise.
-        MoMosSelectionError: `embedding_bits` with no untied Embedding weight or no other tensor selected.
+        MoMosConfigError: a number `embedding_bits` without `config.bits_per_weight`, not positive, or leaving
+            the other tensors no budget; `embedding_block_size` with ``embedding_bits=None`` or not a valid block
+            size; and what `prepare` and `finetune` raise.
+        MoMosSelectionError: a number `embedding_bits` with no untied Embedding weight or no other tensor
+            selected.
     """
     config = default_config() if config is None else config
     if embedding_block_size is not None and (isinstance(embedding_block_size, bool)
@@ -309,17 +315,34 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
     return packed
 
 
+# compress(embedding_bits="auto"): the embeddings' index width is the first whole width at or above the budget
+# less EMBEDDING_BITS_BELOW bits per weight (at least EMBEDDING_BITS_FLOOR), at the config's block size or a longer
+# one (up to EMBEDDING_MAX_BLOCK_SIZE, dividing their rows): the one nearest above, the longer on a tie, among those
+# whose table stays within EMBEDDING_TABLE_SHARE of the mosaic's bits and EMBEDDING_MAX_MOTIFS motifs (k-means and
+# the calibrated search cost grow with k). A lookup row is read by one token, a matrix by every token; measured on
+# all-MiniLM-L6-v2 (docs/accuracy.md), this gives the best splits found at 3 and 4 bits per weight.
+EMBEDDING_BITS_BELOW = 1.0
+EMBEDDING_BITS_FLOOR = 1.0
+EMBEDDING_MAX_BLOCK_SIZE = 16
+EMBEDDING_TABLE_SHARE = 0.05
+EMBEDDING_MAX_MOTIFS = 2 ** 16
+
+
 def _split_budget(model: nn.Module, config: MoMosConfig, include: Iterable[Any] | None,
                   exclude: Iterable[Any] | None, overrides: Mapping[Any, MoMosConfig | None] | None,
-                  embedding_bits: float,
-                  embedding_block_size: int | None = None) -> tuple[MoMosConfig, dict[Any, MoMosConfig | None]]:
+                  embedding_bits: float | str, embedding_block_size: int | None = None
+                  ) -> tuple[MoMosConfig, Mapping[Any, MoMosConfig | None] | None]:
     """`compress`'s `embedding_bits`: the config for the tensors that keep `config`, with the budget the embeddings
     leave them, and the overrides that give each untied Embedding weight a bank of its own (the k that
-    `embedding_bits` buy the largest of them)."""
+    `embedding_bits` buy the largest of them). ``"auto"`` where there is nothing to split: `config` and
+    `overrides` unchanged."""
     b = embedding_bits
-    if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0:
-        raise MoMosConfigError(f"embedding_bits must be a positive number, got {b!r}")
+    auto = isinstance(b, str) and b == "auto"
+    if not auto and (isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b <= 0):
+        raise MoMosConfigError(f"embedding_bits must be a positive number, 'auto' or None, got {b!r}")
     if config.bits_per_weight is None:
+        if auto:
+            return config, overrides
         raise MoMosConfigError("embedding_bits splits a bits_per_weight budget: give the config bits_per_weight "
                                f"(it has capacity={config.capacity!r}, num_motifs={config.num_motifs!r})")
     chosen, owners = _selection(model, config, include, exclude, overrides)
@@ -330,30 +353,67 @@ def _split_budget(model: nn.Module, config: MoMosConfig, include: Iterable[Any] 
                and len(holders.get(id(params[name]), [])) == 1]
     rest = [name for name in shared if name not in lookups]
     if not lookups or not rest:
+        if auto:
+            return config, overrides
         missing = "no untied nn.Embedding weight" if not lookups else "no other tensor"
         raise MoMosSelectionError(f"embedding_bits={b!r} splits the budget between untied nn.Embedding weights and "
                                   f"the other tensors, but {missing} is selected with the config")
+    numels = {name: params[name].numel() for name in shared}
+    total = sum(numels.values())
     # Every embedding gets the k that the budget buys the largest one: a small table (BERT's token types, read by
     # every token) would otherwise get almost nothing, its motif table costing more than its indices.
-    largest = max(lookups, key=lambda name: params[name].numel())
-    numel = params[largest].numel()
-    s = config.block_size if embedding_block_size is None else embedding_block_size
-    looked_up = config.replace(bits_per_weight=float(b), block_size=s)  # checks s as a block size
-    k = looked_up.num_motifs_for(num_blocks(numel, s), numel)
-    if k - config.force_zero < 1:
-        raise MoMosConfigError(f"embedding_bits={b!r} leaves tensor {largest!r} only the zero motif: give it more bits")
-    split = {name: looked_up.replace(bits_per_weight=None, num_motifs=k, scope="tensor") for name in lookups}
+    largest = max(lookups, key=lambda name: numels[name])
+    numel = numels[largest]
+    if auto:
+        target = max(EMBEDDING_BITS_FLOOR, config.bits_per_weight - EMBEDDING_BITS_BELOW)
+        rows = [owners[name][0].embedding_dim for name in lookups]
+        s, k = _embedding_bank(config, target, numel, rows, embedding_block_size)
+        if s is None:
+            return config, overrides
+        looked_up = config.replace(bits_per_weight=None, num_motifs=k, block_size=s)
+    else:
+        s = config.block_size if embedding_block_size is None else embedding_block_size
+        looked_up = config.replace(bits_per_weight=float(b), block_size=s)  # checks s as a block size
+        k = looked_up.num_motifs_for(num_blocks(numel, s), numel)
+        if k - config.force_zero < 1:
+            raise MoMosConfigError(f"embedding_bits={b!r} leaves tensor {largest!r} only the zero motif: give it "
+                                   "more bits")
+    split = {name: looked_up.replace(bits_per_weight=None, capacity=None, num_motifs=k, scope="tensor")
+             for name in lookups}
     spent = 0
     for name in lookups:
-        blocks = num_blocks(params[name].numel(), s)
+        blocks = num_blocks(numels[name], s)
         own = split[name].num_motifs_for(blocks)
         spent += blocks * index_bits(own) + own * s * config.motif_bits
-    total = sum(params[name].numel() for name in lookups + rest)
-    left = (config.bits_per_weight * total - spent) / sum(params[name].numel() for name in rest)
+    left = (config.bits_per_weight * total - spent) / sum(numels[name] for name in rest)
     if left <= 0:
+        if auto:
+            return config, overrides
         raise MoMosConfigError(f"embedding_bits={b!r} leaves no budget of bits_per_weight={config.bits_per_weight!r} "
                                f"for the other tensors")
     return config.replace(bits_per_weight=left), {**split, **(overrides or {})}
+
+
+def _embedding_bank(config: MoMosConfig, target: float, numel: int, rows: list[int],
+                    block_size: int | None) -> tuple[int, int] | tuple[None, None]:
+    """``(s, k)`` for `compress`'s ``embedding_bits="auto"`` (the rule above `EMBEDDING_BITS_BELOW`) for the
+    largest embedding, of `numel` values: per block size, the first whole index width at or above `target` bits
+    per weight, or the widest below it whose table qualifies; then the rate nearest above `target` (else the
+    highest below), the longer block on a tie. ``(None, None)`` where nothing qualifies."""
+    lengths = [block_size] if block_size is not None else [config.block_size] + [
+        s for s in range(config.block_size + 1, EMBEDDING_MAX_BLOCK_SIZE + 1) if not any(row % s for row in rows)]
+    best: tuple[bool, float, int, int] | None = None  # (below target, distance, -s, k) of the best so far
+    for s in lengths:
+        blocks = num_blocks(numel, s)
+        for width in range(math.ceil(target * s - 1e-9), 0, -1):
+            k = min(2 ** width, blocks)
+            if k - config.force_zero >= 1 and k <= EMBEDDING_MAX_MOTIFS \
+                    and k * s * config.motif_bits <= EMBEDDING_TABLE_SHARE * blocks * index_bits(k):
+                rate = math.log2(k) / s
+                key = (rate < target - 1e-12, round(abs(rate - target), 12), -s, k)
+                best = key if best is None or key < best else best
+                break
+    return (None, None) if best is None else (-best[2], best[3])
 
 
 def _stale(bank: MotifBank, members: list[Member]) -> bool:

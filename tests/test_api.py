@@ -9,6 +9,7 @@ from torch import nn
 
 import momos
 from momos import MoMosConfig, MoMosConfigError, MoMosSelectionError, MoMosStateError, MoMosValueError
+from momos.api import EMBEDDING_BITS_BELOW, _embedding_bank
 from momos.blocks import num_blocks, to_blocks
 from momos.nn.parametrize import prepared_tensors
 
@@ -380,7 +381,7 @@ def test_bits_per_weight_bounds_the_report_and_the_file(tmp_path):
         path = tmp_path / f"{b}.momos"
         momos.save(packed, path, coding="packed")
         info = momos.inspect(path)
-        stored = sum(t.nbytes for t in info.tensors) + sum(bank.num_motifs * 4 * 4 for bank in info.banks)
+        stored = sum(t.nbytes for t in info.tensors) + sum(bank.nbytes for bank in info.banks)
         assert stored * 8 <= b * report.numel + 8 * len(info.tensors)  # mosaics are padded to whole bytes
 
 
@@ -425,7 +426,84 @@ def test_embedding_bits_split_one_budget(b, share):
     spent = embedding.table_bits + embedding.mosaic_bits
     if k < blocks:
         bigger = k + 1
-        assert spent + blocks * math.ceil(math.log2(bigger)) + bigger * 4 * 32 > b * (8000 + 1536)
+        assert spent + blocks * math.ceil(math.log2(bigger)) + bigger * 4 * config.motif_bits > b * (8000 + 1536)
+
+
+def _auto_reference(config, target, numel, rows):
+    """`_embedding_bank`'s rule, by enumeration: every (block size, index width) whose table qualifies."""
+    found = []
+    for s in [4] + [s for s in range(5, 17) if all(row % s == 0 for row in rows)]:
+        blocks = num_blocks(numel, s)
+        for width in range(1, math.ceil(target * s - 1e-9) + 1):
+            k = min(2 ** width, blocks)
+            if k >= 2 and k <= 2 ** 16 and k * s * config.motif_bits <= 0.05 * blocks * math.ceil(math.log2(k)):
+                found.append((math.log2(k) / s, s, k))
+    above = [f for f in found if f[0] >= target - 1e-12]
+    if above:
+        rate = min(f[0] for f in above)
+        return max((f for f in above if abs(f[0] - rate) <= 1e-12), key=lambda f: f[1])[1:]
+    if found:
+        rate = max(f[0] for f in found)
+        return max((f for f in found if abs(f[0] - rate) <= 1e-12), key=lambda f: f[1])[1:]
+    return None, None
+
+
+def test_auto_embedding_bank_worked_examples_at_minilm_size():
+    """all-MiniLM-L6-v2's word table (30,522 x 384): the splits measured best in docs/accuracy.md."""
+    numel, rows = 30522 * 384, [384, 384, 384]
+    for b, expected in [(2.96, (6, 4096)), (4.06, (4, 8192)), (1.96, (8, 256)), (3.96, (4, 4096))]:
+        config = MoMosConfig(block_size=4, bits_per_weight=b)
+        assert _embedding_bank(config, max(1.0, b - EMBEDDING_BITS_BELOW), numel, rows, None) == expected
+    assert _embedding_bank(MoMosConfig(bits_per_weight=3.0), 2.0, 500 * 16, [16], None) == (None, None)
+
+
+@settings(max_examples=60, deadline=None)
+@given(target=st.floats(1.0, 7.0), vocabulary=st.integers(100, 200_000), dim=st.sampled_from([16, 24, 48, 384]),
+       dtype=st.sampled_from(["float16", "float32"]))
+def test_auto_embedding_bank_is_the_nearest_qualifying_width(target, vocabulary, dim, dtype):
+    config = MoMosConfig(block_size=4, bits_per_weight=3.0, motif_dtype=dtype)
+    got = _embedding_bank(config, target, vocabulary * dim, [dim], None)
+    assert got == _auto_reference(config, target, vocabulary * dim, [dim])
+
+
+def test_auto_embedding_bits_split_one_budget():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(4096, 48), nn.Linear(48, 192), nn.ReLU(), nn.Linear(192, 48))
+    config = MoMosConfig(block_size=4, bits_per_weight=3.0)
+    packed = momos.compress(model, config)  # embedding_bits="auto" is the default
+    report = momos.report(packed)
+    assert report.bits_per_weight <= 3.0 + 1e-9  # the whole budget holds
+    tensors = {t.name: t for t in report.tensors}
+    s, k = _embedding_bank(config, 2.0, 4096 * 48, [48], None)
+    assert (tensors["0.weight"].bank, tensors["0.weight"].block_size, tensors["0.weight"].num_motifs) == \
+        ("0.weight", s, k)
+    assert tensors["1.weight"].bank == tensors["3.weight"].bank == "global"
+    assert tensors["1.weight"].bits_per_weight > tensors["0.weight"].bits_per_weight  # the matrices get more
+    assert momos.report(momos.compress(model, config, embedding_bits="auto")).to_dict() == report.to_dict()
+
+
+def test_auto_embedding_bits_keep_one_bank_where_there_is_nothing_to_split():
+    model = _embedding_model()
+    one_bank = {t.name: t.bank for t in momos.report(momos.compress(model, MoMosConfig(num_motifs=16))).tensors}
+    assert set(one_bank.values()) == {"global"}  # no bits_per_weight budget
+    assert momos.report(momos.compress(_mlp(), MoMosConfig(bits_per_weight=3.0))).tensors[0].bank == "global"
+    tied = nn.Sequential(nn.Embedding(40, 16), nn.Linear(16, 40, bias=False))
+    tied[1].weight = tied[0].weight
+    assert {t.bank for t in momos.report(momos.compress(tied, MoMosConfig(bits_per_weight=3.0))).tensors} == {"global"}
+    split = momos.report(momos.compress(model, MoMosConfig(bits_per_weight=3.0), embedding_bits=None))
+    assert {t.bank for t in split.tensors} == {"global"}  # None asks for one bank
+    with pytest.raises(MoMosConfigError, match="'auto' or None"):
+        momos.compress(model, MoMosConfig(bits_per_weight=3.0), embedding_bits="half")
+
+
+def test_a_motif_beyond_float16_range_is_refused_not_made_infinite():
+    model = nn.Sequential(nn.Linear(32, 32))
+    with torch.no_grad():
+        model[0].weight.fill_(1e6)
+    with pytest.raises(MoMosValueError, match="overflows motif_dtype='float16'.*float32"):
+        momos.compress(model, MoMosConfig(num_motifs=16))
+    packed = momos.compress(model, MoMosConfig(num_motifs=16, motif_dtype="float32"))
+    assert torch.equal(packed[0].weight, model[0].weight)
 
 
 def test_embedding_bits_refuses_what_it_cannot_split():
@@ -479,7 +557,7 @@ def test_embedding_block_size_gives_the_embeddings_longer_blocks_within_the_same
     x = torch.randint(0, 500, (3, 5))
     torch.testing.assert_close(packed[0](x), packed[0].weight[x])  # decodes like any other packed tensor
     with pytest.raises(MoMosConfigError, match="embedding_block_size"):
-        momos.compress(model, config, embedding_block_size=8)
+        momos.compress(model, config, embedding_bits=None, embedding_block_size=8)
     for bad in (0, 2.5, True):
         with pytest.raises(MoMosConfigError, match="embedding_block_size"):
             momos.compress(model, config, embedding_bits=2.0, embedding_block_size=bad)

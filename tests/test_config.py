@@ -44,7 +44,10 @@ def test_bits_per_weight_exact_cases():
     # 2.7M blocks of 4 at 3 bits a weight cannot pay 12-bit indices plus a table: 11 bits and 2,048 motifs.
     m = 2_700_000
     assert MoMosConfig(block_size=4, bits_per_weight=3.0).num_motifs_for(m, 4 * m) == 2048
-    assert MoMosConfig(block_size=4, bits_per_weight=4.06).num_motifs_for(m, 4 * m) == 26156
+    # At 4.06 bits: 15-bit indices leave 0.31 bits per weight of table: 26,156 float32 motifs, or every one of the
+    # 32,768 that 15 bits address in float16 (the default).
+    assert MoMosConfig(block_size=4, bits_per_weight=4.06, motif_dtype="float32").num_motifs_for(m, 4 * m) == 26156
+    assert MoMosConfig(block_size=4, bits_per_weight=4.06).num_motifs_for(m, 4 * m) == 32768
     with pytest.raises(MoMosConfigError, match="number of weights"):
         MoMosConfig(bits_per_weight=3.0).num_motifs_for(100)
 

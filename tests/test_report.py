@@ -29,9 +29,9 @@ def test_report_shares_the_global_table_and_agrees_before_and_after_convert():
     momos.refresh(prepared)
     before, after = momos.report(prepared), momos.report(momos.convert(prepared))
     assert before.to_dict() == after.to_dict()
-    k, s = before.tensors[0].num_motifs, 4
-    assert before.bits == pytest.approx(k * s * 32 + sum(t.mosaic_bits for t in before.tensors))
-    assert sum(t.table_bits for t in before.tensors) == pytest.approx(k * s * 32)
+    k, s, q = before.tensors[0].num_motifs, 4, 16  # float16 motifs, the default
+    assert before.bits == pytest.approx(k * s * q + sum(t.mosaic_bits for t in before.tensors))
+    assert sum(t.table_bits for t in before.tensors) == pytest.approx(k * s * q)
     assert before.to_dict()["total"]["numel"] == 20 * 8 + 8 + 8 * 3 + 3
 
 

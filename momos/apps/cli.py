@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from momos.config import MOTIF_DTYPES
+from momos.config import MOTIF_DTYPES, MoMosConfig
 from momos.errors import MoMosConfigError, MoMosError, MoMosSelectionError, dependency_error
 
 __all__ = ["DEMO_EPOCHS", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "MAX_BLOCK_SIZE", "main"]
@@ -123,6 +123,15 @@ def _positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
+
+
+def _embedding_bits(text: str) -> float | str | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        return _positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, auto or none, got {text!r}") from None
 
 
 def _list_of(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
@@ -331,11 +340,11 @@ def cmd_compress(args: argparse.Namespace, console: _Console) -> int:
     from momos.apps.train import evaluate, held_out_batches, split_batches
 
     size = {"capacity": args.capacity} if args.capacity is not None else {"bits_per_weight": args.bits}
-    if args.embedding_bits is not None and args.capacity is not None:
+    if isinstance(args.embedding_bits, float) and args.capacity is not None:
         raise UsageError("--embedding-bits splits a --bits budget; it does not go with --capacity")
     if args.embedding_block_size is not None and args.embedding_bits is None:
         raise UsageError("--embedding-block-size sets the block size of the banks --embedding-bits gives the "
-                         "embeddings: give --embedding-bits too")
+                         "embeddings: it does not go with --embedding-bits none")
     config = momos.MoMosConfig(block_size=args.block_size, seed=args.seed, motif_dtype=args.motif_dtype, **size)
     labelled = load_data(args.finetune, args.seed)[0] if args.finetune else None
     if args.calibrate:
@@ -582,14 +591,16 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--bits", type=_positive_float, default=3.0,
                       help="bits per compressed weight, motif table included (default: 3)")
     size.add_argument("--capacity", type=_capacity, default=None, help="capacity c in (0, 1] instead of --bits")
-    p.add_argument("--embedding-bits", type=_positive_float, default=None, metavar="B",
-                   help="give each nn.Embedding weight a bank of its own within B bits per weight, and the other "
-                        "matrices the rest of the --bits budget (not with --capacity)")
+    p.add_argument("--embedding-bits", type=_embedding_bits, default="auto", metavar="B|auto|none",
+                   help="give each untied nn.Embedding weight a bank of its own within B bits per weight, and the "
+                        "other matrices the rest of the --bits budget (a number not with --capacity); auto: about one "
+                        "bit per weight below --bits, where the table stays cheap; none: one bank (default: auto)")
     p.add_argument("--embedding-block-size", type=_block_size, default=None, metavar="S",
-                   help="with --embedding-bits, the embeddings' block size (default: --block-size)")
-    p.add_argument("--motif-dtype", choices=tuple(MOTIF_DTYPES), default="float32",
-                   help="the motif tables' dtype: float16 halves their bits, leaving more motifs within --bits "
-                        "(default: float32)")
+                   help="the embeddings' block size where they have banks of their own (default: --block-size; with "
+                        "--embedding-bits auto, that or a longer one, whichever width comes nearest)")
+    p.add_argument("--motif-dtype", choices=tuple(MOTIF_DTYPES), default=MoMosConfig.motif_dtype,
+                   help="the motif tables' dtype: float16 takes half the bits of float32, leaving more motifs "
+                        f"within --bits (default: {MoMosConfig.motif_dtype})")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--finetune", type=_existing_file, metavar="DATA.npz",
                       help="fine-tune the motifs on this .npz (arrays X and y; 80/20 split), reporting test accuracy")

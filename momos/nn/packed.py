@@ -108,8 +108,12 @@ class MotifTable(nn.Module):
 
     def decoding_table(self) -> torch.Tensor:
         """The motifs a `PackedTensor` decodes with. While they train, a forced zero motif is held out of autograd:
-        its gradient is then exactly zero, so no optimizer that steps on gradients moves it."""
+        its gradient is then exactly zero, so no optimizer that steps on gradients moves it. A low-precision table
+        training as a float32 copy decodes with the copy rounded to its stored dtype, the gradient passing straight
+        through, so the model computes what `momos.save` would store at every step."""
         motifs = self.motifs
+        if motifs.dtype != self.stored_dtype:
+            motifs = motifs + (motifs.to(self.stored_dtype).to(motifs.dtype) - motifs).detach()
         if motifs.requires_grad and self.config.force_zero:
             return torch.cat([motifs[:1].detach(), motifs[1:]])
         return motifs

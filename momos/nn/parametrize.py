@@ -323,6 +323,10 @@ def refresh_bank(bank: MotifBank, members: list[Member]) -> tuple[BankStats, lis
                                    generator=generator)
         # Round through the stored dtype so the weights written are exactly what the packed form decodes.
         stored = motifs.to(bank.motifs.dtype)
+        if not torch.isfinite(stored).all():
+            largest = float(motifs.abs().max())
+            raise MoMosValueError(f"bank {bank.name!r}: a motif value of magnitude {largest:.4g} overflows "
+                                  f"motif_dtype={config.motif_dtype!r}; give the config motif_dtype='float32'")
         motifs = stored.to(weights[0].dtype)
         search = assign.MotifSearch(motifs, num_queries=bank.num_blocks)
 

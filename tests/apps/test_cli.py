@@ -305,7 +305,7 @@ def test_help_everywhere(capsys: pytest.CaptureFixture) -> None:
 def test_compress_embedding_bits_splits_the_bits_budget(user_files: Path) -> None:
     d = user_files
     result = run("compress", "--model", "usermodel:tokens", "--weights", "tokens.pt", "--bits", "3",
-                 "--embedding-bits", "2.5", "-o", "tokens.momos", "--json", cwd=d)
+                 "--embedding-bits", "2.5", "--motif-dtype", "float32", "-o", "tokens.momos", "--json", cwd=d)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)["report"]
     banks = {t["name"]: (t["bank"], t["num_motifs"]) for t in report["tensors"]}
@@ -324,9 +324,20 @@ def test_compress_embedding_bits_splits_the_bits_budget(user_files: Path) -> Non
     assert tensors["0.weight"]["block_size"] == 8 and tensors["1.weight"]["block_size"] == 4
     assert report["total"]["bits_per_weight"] <= 3.0
     assert {b.motif_dtype for b in momos.inspect(d / "longer.momos").banks} == {"float16"}
-    alone = run("compress", "--model", "usermodel:tokens", "--weights", "tokens.pt", "--embedding-block-size", "8",
-                "-o", "no.momos", cwd=d)
+    alone = run("compress", "--model", "usermodel:tokens", "--weights", "tokens.pt", "--embedding-bits", "none",
+                "--embedding-block-size", "8", "-o", "no.momos", cwd=d)
     assert alone.returncode == 2 and "--embedding-bits" in alone.stderr
+    auto = run("compress", "--model", "usermodel:tokens", "--weights", "tokens.pt", "-o", "auto.momos", "--json",
+               cwd=d)  # --embedding-bits auto, the default: the embedding gets a bank of its own
+    assert auto.returncode == 0, auto.stderr
+    assert {t["name"]: t["bank"] for t in json.loads(auto.stdout)["report"]["tensors"]}["0.weight"] == "0.weight"
+    one = run("compress", "--model", "usermodel:tokens", "--weights", "tokens.pt", "--embedding-bits", "none",
+              "-o", "one.momos", "--json", cwd=d)
+    assert one.returncode == 0, one.stderr
+    assert {t["bank"] for t in json.loads(one.stdout)["report"]["tensors"]} == {"global"}
+    bad = run("compress", "--model", "usermodel:tokens", "--weights", "tokens.pt", "--embedding-bits", "half",
+              "-o", "no.momos", cwd=d)
+    assert bad.returncode == 2 and "auto or none, got 'half'" in bad.stderr
     no_embedding = run("compress", "--model", "usermodel:small", "--weights", "weights.pt", "--embedding-bits", "2",
                        "-o", "no.momos", cwd=d)
     assert no_embedding.returncode == 2 and "no untied nn.Embedding" in no_embedding.stderr

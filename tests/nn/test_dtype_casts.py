@@ -14,7 +14,7 @@ from momos.nn.parametrize import MotifBank
 
 def _prepared() -> torch.nn.Module:
     torch.manual_seed(0)
-    prepared = momos.prepare(small_mlp(), momos.MoMosConfig(block_size=4, capacity=0.2))
+    prepared = momos.prepare(small_mlp(), momos.MoMosConfig(block_size=4, capacity=0.2, motif_dtype="float32"))
     momos.refresh(prepared)
     return prepared
 
