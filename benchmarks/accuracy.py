@@ -65,10 +65,10 @@ from momos.nn.packed import MotifTable, PackedTensor, attach  # noqa: E402
 # Sizes of the MoMos rows, in bits per parameter of the whole model (the dense biases and norms included).
 MOMOS_BITS = (2, 3, 4)
 # MiniLM adds the accuracy issue's 4.1-bit goal.
-MINILM_BITS = (2, 3, 4, 4.1)
+MINILM_BITS: list[float] = [2, 3, 4, 4.1]
 # Models with embeddings (MiniLM) also run these sizes with one bank for every matrix (`embedding_bits=None`),
 # against `momos.compress`'s default, which gives the embeddings banks of their own (`embedding_bits="auto"`).
-ONE_BANK_BITS = (3, 4.1)
+ONE_BANK_BITS: list[float] = [3, 4.1]
 # (k of each Embedding's own bank, k of the matrices' bank) that models with embeddings also run
 # (--embedding-splits; none by default).
 EMBEDDING_SPLITS: list[tuple[int, int]] = []
@@ -488,7 +488,7 @@ def minilm_rows(seed: int, calibration: int, evaluation: int, finetune_epochs: i
     batches = [tokens(calib[i:i + 32]) for i in range(0, len(calib), 32)]
     # a fifth of the calibration text (whole batches) chooses the fine-tuning epoch kept, epoch 0 included
     task = Task("minilm", dense, score, batches, {"teacher": dense, "epochs": finetune_epochs, "lr": lr},
-                held_out=max(1, len(batches) // 5) if len(batches) > 1 else 0, sizes=MINILM_BITS)
+                held_out=max(1, len(batches) // 5) if len(batches) > 1 else 0, sizes=tuple(MINILM_BITS))
     if study:
         return defaults(task, seed, log)
     return compare(task, seed, paper=None, seconds_dense=0.0, log=log, momos_only=momos_only)
@@ -590,9 +590,8 @@ def main() -> None:
         args.seeds, args.mlp_epochs, args.cnn_epochs, args.finetune_epochs = 1, 5, 2, 1
         args.minilm_epochs, args.calibration, args.evaluation = 1, 128, 64
     torch.set_num_threads(args.threads)
-    global MINILM_BITS, ONE_BANK_BITS
-    MINILM_BITS = tuple(float(b) for b in args.minilm_bits.split(",") if b)
-    ONE_BANK_BITS = tuple(float(b) for b in args.one_bank_bits.split(",") if b)
+    MINILM_BITS[:] = [float(b) for b in args.minilm_bits.split(",") if b]
+    ONE_BANK_BITS[:] = [float(b) for b in args.one_bank_bits.split(",") if b]
     EMBEDDING_SPLITS[:] = [tuple(int(k) for k in split.split(":"))
                            for split in args.embedding_splits.split(",") if split]
     logging.getLogger("coremltools").setLevel(logging.ERROR)
