@@ -316,11 +316,12 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
 
 
 # compress(embedding_bits="auto"): the embeddings' index width is the first whole width at or above the budget
-# less EMBEDDING_BITS_BELOW bits per weight (at least EMBEDDING_BITS_FLOOR), at the config's block size or a longer
-# one (up to EMBEDDING_MAX_BLOCK_SIZE, dividing their rows): the one nearest above, the longer on a tie, among those
-# whose table stays within EMBEDDING_TABLE_SHARE of the mosaic's bits and EMBEDDING_MAX_MOTIFS motifs (k-means and
-# the calibrated search cost grow with k). A lookup row is read by one token, a matrix by every token; measured on
-# all-MiniLM-L6-v2 (docs/accuracy.md), this gives the best splits found at 3 and 4 bits per weight.
+# less EMBEDDING_BITS_BELOW bits per weight (at least EMBEDDING_BITS_FLOOR, at most the budget), at the config's
+# block size or a longer one (up to EMBEDDING_MAX_BLOCK_SIZE, dividing their rows): the one nearest above, the
+# longer on a tie, among those whose table stays within EMBEDDING_TABLE_SHARE of the mosaic's bits and
+# EMBEDDING_MAX_MOTIFS motifs (k-means and the calibrated search cost grow with k). A lookup row is read by one
+# token, a matrix by every token; on all-MiniLM-L6-v2 this picks the best splits measured at 3 and 4 bits per
+# weight (docs/accuracy.md).
 EMBEDDING_BITS_BELOW = 1.0
 EMBEDDING_BITS_FLOOR = 1.0
 EMBEDDING_MAX_BLOCK_SIZE = 16
@@ -365,7 +366,8 @@ def _split_budget(model: nn.Module, config: MoMosConfig, include: Iterable[Any] 
     largest = max(lookups, key=lambda name: numels[name])
     numel = numels[largest]
     if auto:
-        target = max(EMBEDDING_BITS_FLOOR, config.bits_per_weight - EMBEDDING_BITS_BELOW)
+        budget = config.bits_per_weight
+        target = min(budget, max(EMBEDDING_BITS_FLOOR, budget - EMBEDDING_BITS_BELOW))
         rows = [owners[name][0].embedding_dim for name in lookups]
         s, k = _embedding_bank(config, target, numel, rows, embedding_block_size)
         if s is None:
