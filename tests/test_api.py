@@ -490,6 +490,8 @@ def test_auto_embedding_bits_keep_one_bank_where_there_is_nothing_to_split():
     tied = nn.Sequential(nn.Embedding(40, 16), nn.Linear(16, 40, bias=False))
     tied[1].weight = tied[0].weight
     assert {t.bank for t in momos.report(momos.compress(tied, MoMosConfig(bits_per_weight=3.0))).tensors} == {"global"}
+    small = momos.report(momos.compress(model, MoMosConfig(bits_per_weight=3.0)))  # 500 rows: a table would cost more
+    assert {t.bank for t in small.tensors} == {"global"}
     split = momos.report(momos.compress(model, MoMosConfig(bits_per_weight=3.0), embedding_bits=None))
     assert {t.bank for t in split.tensors} == {"global"}  # None asks for one bank
     with pytest.raises(MoMosConfigError, match="'auto' or None"):
