@@ -408,7 +408,7 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataTy
 
 
 def _motif_array(table: MotifTable) -> np.ndarray:
-    motifs = table.motifs.detach().cpu().to(table.stored_dtype)  # a table in training is a float32 copy
+    motifs = table.stored_motifs().cpu()
     if motifs.dtype == torch.bfloat16:
         return motifs.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return motifs.numpy()

@@ -311,8 +311,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, coding: str = "auto") -> 
     for name, p in packed:
         table = p.table
         if id(table) not in banks:
-            # a file's tensors are CPU tensors; a table training in float32 (see MotifTable) is stored rounded
-            motifs = table.motifs.detach().cpu().to(table.stored_dtype).contiguous().clone()
+            motifs = table.stored_motifs().cpu().contiguous().clone()  # a file's tensors are CPU tensors
             config = follow_dtype(table.config, motifs)
             index = len(banks)
             entries[f"motifs/{index}"] = motifs

@@ -80,6 +80,11 @@ class MotifTable(nn.Module):
         """The dtype the table is stored in (its config's `motif_dtype`), whatever precision it trains in."""
         return getattr(torch, self.config.motif_dtype)
 
+    def stored_motifs(self) -> torch.Tensor:
+        """The motifs as a file or an exported graph holds them: detached, in the stored dtype (a table training as
+        a float32 copy, rounded)."""
+        return self.motifs.detach().to(self.stored_dtype)
+
     def set_trainable(self, trainable: bool) -> None:
         """Make the motifs a trainable parameter, or a buffer again; their state-dict key stays.
 
@@ -90,12 +95,12 @@ class MotifTable(nn.Module):
         """
         if trainable == self.trainable:
             return
-        motifs = self.motifs.detach()
+        motifs = self.stored_motifs()
         delattr(self, "motifs")
         if trainable:
             self.motifs = nn.Parameter(motifs.float() if motifs.dtype in (torch.float16, torch.bfloat16) else motifs)
         else:
-            self.register_buffer("motifs", motifs.to(self.stored_dtype))
+            self.register_buffer("motifs", motifs)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MotifTable:
         """Moves and casts of the model; a cast (``.half()``, ``.double()``) casts the motifs, and the config's
