@@ -320,8 +320,8 @@ def compress(model: nn.Module, config: MoMosConfig | None = None, data: Iterable
 # block size or a longer one (up to EMBEDDING_MAX_BLOCK_SIZE, dividing their rows): the one nearest above, the
 # longer on a tie, among those whose table stays within EMBEDDING_TABLE_SHARE of the mosaic's bits and
 # EMBEDDING_MAX_MOTIFS motifs (k-means and the calibrated search cost grow with k). A lookup row is read by one
-# token, a matrix by every token; on all-MiniLM-L6-v2 this picks the best splits measured at 3 and 4 bits per
-# weight (docs/accuracy.md).
+# token, a matrix by every token, so an error in a matrix costs more per weight; docs/accuracy.md has the splits
+# the constants were chosen on.
 EMBEDDING_BITS_BELOW = 1.0
 EMBEDDING_BITS_FLOOR = 1.0
 EMBEDDING_MAX_BLOCK_SIZE = 16

@@ -449,7 +449,7 @@ def _auto_reference(config, target, numel, rows):
 
 
 def test_auto_embedding_bank_worked_examples_at_minilm_size():
-    """all-MiniLM-L6-v2's word table (30,522 x 384): the splits measured best in docs/accuracy.md."""
+    """all-MiniLM-L6-v2's word table (30,522 x 384): the splits docs/accuracy.md gives for each budget."""
     numel, rows = 30522 * 384, [384, 384, 384]
     for b, expected in [(2.96, (6, 4096)), (4.06, (4, 8192)), (1.96, (8, 256)), (3.96, (4, 4096))]:
         config = MoMosConfig(block_size=4, bits_per_weight=b)
